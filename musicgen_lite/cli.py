@@ -1,0 +1,116 @@
+"""The ``musicgen-lite`` command. ``musicgen-lite --help`` lists the subcommands."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import bench
+
+    torch.set_num_threads(args.threads)
+    names = sorted(bench.BENCHES) if args.name == "all" else [args.name]
+    unknown = [n for n in names if n not in bench.BENCHES]
+    if unknown:
+        print(f"error: unknown benchmark {unknown[0]!r}; choose from: all, {', '.join(sorted(bench.BENCHES))}",
+              file=sys.stderr)
+        return 2
+    rows = [r for n in names for r in bench.BENCHES[n](args)]
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(f"machine: {bench.machine()}")
+        print(f"{'bench':<10} {'config':<40} {'ours':>12} {'peer':>12} {'unit':<10} {'ratio':>6}  peer")
+        for r in rows:
+            peer = "-" if r["peer"] is None else f"{r['peer']:.3f}"
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            print(f"{r['bench']:<10} {r['config']:<40} {r['ours']:>12.3f} {peer:>12} {r['unit']:<10} {ratio:>6}  {r['peer_name']}")
+    return 0
+
+
+def _cmd_data_make(args: argparse.Namespace) -> int:
+    import time
+
+    from .data.dataset import make_dataset
+
+    t0 = time.time()
+    out = make_dataset(args.out, n=args.n, seconds=args.seconds, seed=args.seed, source=args.source,
+                       sample_rate=args.sample_rate, workers=args.workers, melody_stems=not args.no_stems,
+                       renderer=args.renderer)
+    dt = time.time() - t0
+    print(f"{args.n} {args.source} clips of {args.seconds:g} s in {out} ({dt:.1f} s, {args.n / dt:.2f} clips/s)")
+    return 0
+
+
+def _cmd_data_manifest(args: argparse.Namespace) -> int:
+    from .data.dataset import read_manifest, write_manifest
+
+    out = write_manifest(args.folder, skip_bad=args.skip_bad)
+    metas = read_manifest(out)
+    print(f"{out}: {len(metas)} files, {sum(m.duration for m in metas) / 60:.1f} min of audio")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import data_tour
+
+    data_tour(args.out, n=args.n, seconds=args.seconds, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="musicgen-lite", description="Rebuild MusicGen step by step: data, models, benchmarks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="make datasets of captioned music, or index your own")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dm = dsub.add_parser("make", help="render captioned clips + metadata + data.jsonl (deterministic by seed)")
+    dm.add_argument("out", help="output folder")
+    dm.add_argument("--n", type=int, default=100, help="number of clips (default 100)")
+    dm.add_argument("--seconds", type=float, default=10.0, help="clip length in seconds (default 10)")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--source", choices=["synth", "corpus"], default="synth",
+                    help="synth: random compositions; corpus: music21 folk tunes and Bach chorales")
+    dm.add_argument("--sample-rate", type=int, default=32_000, help="Hz (default 32000)")
+    dm.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    dm.add_argument("--renderer", choices=["auto", "fluidsynth", "builtin"], default="auto")
+    dm.add_argument("--no-stems", action="store_true", help="do not render the melody line alone")
+    dm.set_defaults(func=_cmd_data_make)
+    dman = dsub.add_parser("manifest", help="index a folder of your own audio into data.jsonl")
+    dman.add_argument("folder")
+    dman.add_argument("--skip-bad", action="store_true", help="skip unreadable files instead of failing")
+    dman.set_defaults(func=_cmd_data_manifest)
+
+    demo = sub.add_parser("demo", help="headless tour: captioned clips with spectrograms, written to files")
+    demo.add_argument("--out", default="out/demo")
+    demo.add_argument("--n", type=int, default=6, help="clips (default 6)")
+    demo.add_argument("--seconds", type=float, default=8.0)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="side-by-side benchmarks against peers")
+    b.add_argument("name", help="benchmark name, or 'all'")
+    b.add_argument("--json", action="store_true", help="one JSON object per row")
+    b.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .audio import AudioError
+    from .data.render import RenderError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (AudioError, RenderError, ValueError) as e:
+        print(f"musicgen-lite {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Shared test setup: tiny scale, two threads, seeded, and small datasets built once per run."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUSICGEN_LITE_SCALE", "tiny")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory):
+    """12 synthetic clips of 3 s at 16 kHz, with melody stems (about 5 s to render)."""
+    from musicgen_lite.data import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("synth"), n=12, seconds=3.0, seed=7, sample_rate=16_000,
+                        workers=2, progress=False)
