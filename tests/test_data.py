@@ -163,6 +163,19 @@ def test_fluidsynth_is_deterministic_whatever_came_before():
     assert np.array_equal(a, render(compose(1, 3.0), SR))
 
 
+@pytest.mark.skipif(not render_mod.fluidsynth_available(), reason="FluidSynth not installed")
+def test_same_bytes_in_another_process_whatever_seeds_rand():
+    """A Jupyter kernel seeds the C library's rand(); FluidSynth's 16-bit dither draws from it."""
+    import subprocess
+    import sys
+
+    code = ("import ctypes, sys, numpy as np; ctypes.CDLL(None).srand(987654);"
+            "from musicgen_lite.data import compose, render;"
+            "sys.stdout.buffer.write(render(compose(4, 2.0), 32000).tobytes())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    assert out == render(compose(4, 2.0), SR).tobytes()
+
+
 def test_missing_fluidsynth_is_a_clear_error_and_auto_falls_back(monkeypatch):
     monkeypatch.setattr(render_mod, "_fluidsynth_module", lambda: None)
     render_mod._warn_fallback_once.cache_clear()

@@ -15,6 +15,7 @@ progress bar; ``write_manifest`` turns a folder of a user's own music into one;
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import tempfile
@@ -110,8 +111,9 @@ def make_dataset(out_dir, n: int, seconds: float = 10.0, seed: int = 0, source: 
     workers = workers or min(os.cpu_count() or 1, 8)
     bar = tqdm(total=n, desc=f"rendering {source} clips", disable=not progress, unit="clip")
     rows: list[dict] = []
-    if workers > 1 and n > 1:
-        with ProcessPoolExecutor(workers) as pool:
+    if workers > 1 and n >= 4 * workers:
+        # "spawn": forking a process that holds threads or sockets (a Jupyter kernel does) can hang.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for row in pool.map(_render_one, jobs, chunksize=max(1, min(16, n // (4 * workers)))):
                 rows.append(row)
                 bar.update()

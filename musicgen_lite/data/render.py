@@ -46,11 +46,41 @@ def find_soundfont() -> str | None:
 
 @lru_cache(maxsize=1)
 def _fluidsynth_module():
+    import contextlib
+    import io
+
     try:
-        import fluidsynth  # noqa: F401  (needs the libfluidsynth shared library)
+        with contextlib.redirect_stdout(io.StringIO()):  # pyfluidsynth prints where it found the library
+            import fluidsynth  # noqa: F401  (needs the libfluidsynth shared library)
         return fluidsynth
     except Exception:
         return None
+
+
+@lru_cache(maxsize=1)
+def _write_float():
+    """``fluid_synth_write_float`` from the library pyfluidsynth loaded.
+
+    pyfluidsynth's ``get_samples`` asks for 16-bit output, which FluidSynth dithers from a
+    table drawn with the C library's ``rand()``: a process that seeded ``rand`` differently
+    (a Jupyter kernel does) would get different bytes. Float output has no dither.
+    """
+    import ctypes
+
+    fn = _fluidsynth_module()._fl.fluid_synth_write_float
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _samples(synth, n: int) -> np.ndarray:
+    """``n`` frames of FluidSynth output as float32 ``[n, 2]``."""
+    buf = np.zeros((n, 2), dtype=np.float32)
+    ptr = buf.ctypes.data
+    if _write_float()(synth.synth, n, ptr, 0, 2, ptr, 1, 2) != 0:
+        raise RenderError("FluidSynth failed to render samples")
+    return buf
 
 
 def fluidsynth_available() -> bool:
@@ -69,7 +99,7 @@ def _missing_fluidsynth_message() -> str:
 class FluidRenderer:
     """Renders each clip on a fresh FluidSynth instance.
 
-    A reused synth keeps state between clips (voice filters, the dither table's index), so
+    A reused synth keeps state between clips (voice filters and more), so
     the same clip would come out slightly different depending on what was rendered before.
     With dynamic sample loading a new instance costs about 20 ms, so determinism is cheap.
     """
@@ -115,18 +145,18 @@ class FluidRenderer:
             chunks, pos = [], 0
             for s, _, kind, chan, key, vel in events:
                 if s > pos:  # the output length is fixed here, by construction
-                    chunks.append(np.asarray(synth.get_samples(s - pos), dtype=np.int16).reshape(-1, 2))
+                    chunks.append(_samples(synth, s - pos))
                     pos = s
                 if kind == "on":
                     synth.noteon(chan, key, vel)
                 else:
                     synth.noteoff(chan, key)
             if total > pos:
-                chunks.append(np.asarray(synth.get_samples(total - pos), dtype=np.int16).reshape(-1, 2))
+                chunks.append(_samples(synth, total - pos))
         finally:
             synth.delete()
-        stereo = np.concatenate(chunks) if chunks else np.zeros((0, 2), np.int16)
-        return stereo.astype(np.float32).mean(axis=1) / 32768.0
+        stereo = np.concatenate(chunks) if chunks else np.zeros((0, 2), np.float32)
+        return stereo.mean(axis=1)
 
 
 @lru_cache(maxsize=4)
