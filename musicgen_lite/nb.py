@@ -106,13 +106,14 @@ def setup(seed: int = 0, scale: str | None = None, quiet: bool = False) -> Noteb
 
 # ----------------------------------------------------------------------------- audio players
 
-def play(wav, sample_rate: int, caption: str | None = None, max_rate: int = 22_050):
-    """An audio player for ``wav`` (``[N]``, ``[C, N]`` or ``[1, C, N]``, floats in [-1, 1]).
+def audio_html(wav, sample_rate: int, caption: str | None = None, max_rate: int | None = 32_000,
+               fmt: str = "mp3") -> str:
+    """The HTML of an audio player with the sound embedded (see ``play``)."""
+    import base64
+    import html
+    import io
 
-    Audio above ``max_rate`` Hz is resampled for the player only, so that notebooks with
-    committed outputs stay small; pass ``max_rate=None`` to hear every sample.
-    """
-    from IPython.display import HTML, Audio, display
+    import soundfile as sf
 
     x = torch.as_tensor(wav).detach().float().cpu()
     while x.dim() > 2:
@@ -125,11 +126,32 @@ def play(wav, sample_rate: int, caption: str | None = None, max_rate: int = 22_0
 
         x = AF.resample(x, sample_rate, max_rate)
         rate = max_rate
-    if caption:
-        display(HTML(f"<b>{caption}</b>"))
-    player = Audio(x.numpy(), rate=rate, normalize=False) if x.abs().max() <= 1 else Audio(x.numpy(), rate=rate)
-    display(player)
-    return None
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if peak > 1:
+        x = x / peak
+    title = f"<div><b>{html.escape(caption)}</b></div>" if caption else ""
+    buf = io.BytesIO()
+    mime = {"mp3": "audio/mpeg", "wav": "audio/wav"}[fmt]
+    try:
+        sf.write(buf, x.numpy(), rate, format=fmt.upper(), **({"subtype": "PCM_16"} if fmt == "wav" else {}))
+    except Exception:  # an old libsndfile without MP3: fall back to WAV
+        buf, mime = io.BytesIO(), "audio/wav"
+        sf.write(buf, x.numpy(), rate, format="WAV", subtype="PCM_16")
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'{title}<audio controls preload="none" src="data:{mime};base64,{data}"></audio>'
+
+
+def play(wav, sample_rate: int, caption: str | None = None, max_rate: int | None = 32_000, fmt: str = "mp3"):
+    """Show an audio player for ``wav`` (``[N]``, ``[C, N]`` or ``[1, C, N]``, floats in [-1, 1]).
+
+    The sound is embedded compressed (``fmt="mp3"``, about 10x smaller than WAV) so that
+    notebooks with committed outputs stay small; ``fmt="wav"`` embeds every sample as is.
+    Audio above ``max_rate`` Hz is resampled for the player only; louder than full scale is
+    scaled down.
+    """
+    from IPython.display import HTML, display
+
+    display(HTML(audio_html(wav, sample_rate, caption, max_rate, fmt)))
 
 
 # ----------------------------------------------------------------------------------- plots

@@ -52,5 +52,19 @@ def test_plots_and_player_run_headless():
     assert nb.plot_mel(wav, 16_000, title="m") is not None
     ax = nb.plot_tokens(torch.randint(0, 2048, (1, 4, 50)), frame_rate=50)
     assert ax.get_ylabel() == "codebook"
-    nb.play(wav, 32_000, caption="a tone")  # resampled to 22.05 kHz for the player
+    import base64
+    import io
+
+    import soundfile as sf
+
+    page = nb.audio_html(wav, 48_000, caption="a <tone>")  # resampled to 32 kHz, embedded as mp3
+    assert page.startswith("<div><b>a &lt;tone&gt;</b></div><audio") and "data:audio/mpeg;base64," in page
+    mp3 = base64.b64decode(page.split("base64,")[1].split('"')[0])
+    heard, rate = sf.read(io.BytesIO(mp3))
+    assert rate == 32_000 and abs(len(heard) - 32_000 * 16_000 // 48_000) < 2_000
+    raw = nb.audio_html(wav, 16_000, fmt="wav")
+    pcm, rate = sf.read(io.BytesIO(base64.b64decode(raw.split("base64,")[1].split('"')[0])))
+    assert rate == 16_000 and len(pcm) == 16_000 and abs(pcm.max() - 0.3) < 1e-3
+    assert len(mp3) < len(base64.b64decode(raw.split("base64,")[1].split('"')[0])) / 3
+    nb.play(wav, 16_000)  # displays (prints a repr outside Jupyter) without error
     assert not nb.has_widget_frontend()  # no kernel here: widgets fall back to static output
