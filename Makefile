@@ -17,7 +17,7 @@ setup:
 	@bash .ci/setup.sh
 
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: setup
 	CI=$${CI:-1} MUSICGEN_LITE_SCALE=tiny $(PY) -m pytest tests notebooks $(NBVAL_FLAGS)
