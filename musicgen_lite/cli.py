@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -62,6 +63,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_reference(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import metrics
+
+    torch.set_num_threads(args.threads)
+    train, heldout = metrics.reference_datasets(workers=args.workers)
+    out = args.out or str(metrics.CHECKPOINTS / args.what)
+    if args.what == "tagger":
+        card = metrics.train_tagger(train, heldout, out=out, epochs=args.epochs or 12, seed=args.seed)
+        title = "Attribute tagger (FAD embedding, KL label distributions)"
+    else:
+        card = metrics.train_clap(train, heldout, out=out, epochs=args.epochs or 15, seed=args.seed)
+        title = "CLAP-style text-audio model (CLAP score)"
+    command = f"musicgen-lite train {args.what} --seed {args.seed}" + (f" --epochs {args.epochs}" if args.epochs else "")
+    metrics.write_model_card(card, Path(out), title, command)
+    print(json.dumps({k: v for k, v in card.items() if k not in ("frontend", "heads")}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musicgen-lite", description="Rebuild MusicGen step by step: data, models, benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=8.0)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("train", help="train models")
+    tsub = t.add_subparsers(dest="train_command", required=True)
+    for what, text in (("tagger", "the attribute tagger behind FAD and KL"), ("clap", "the CLAP-style text-audio model")):
+        tr = tsub.add_parser(what, help=f"train {text} on our data (renders it first, cached)")
+        tr.add_argument("--out", default=None, help="checkpoint path without suffix (default data/checkpoints/NAME)")
+        tr.add_argument("--epochs", type=int, default=None)
+        tr.add_argument("--seed", type=int, default=0)
+        tr.add_argument("--workers", type=int, default=None, help="processes rendering the data")
+        tr.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+        tr.set_defaults(func=_cmd_train_reference, what=what)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks against peers")
     b.add_argument("name", help="benchmark name, or 'all'")

@@ -90,3 +90,31 @@ def test_cli_data_make_and_demo(tmp_path):
     assert len((tmp_path / "d" / "data.jsonl").read_text().splitlines()) == 2
     assert main(["demo", "--out", str(tmp_path / "demo"), "--n", "2", "--seconds", "1.5"]) == 0
     assert sorted(p.suffix for p in (tmp_path / "demo").iterdir()) == [".json"] * 2 + [".md"] + [".png"] * 2 + [".wav"] * 2
+
+
+@pytest.mark.parametrize("cuda", [None, "13.0"])
+def test_repair_script_on_a_broken_torchaudio(tmp_path, cuda):
+    """A fake torchaudio whose compiled libs fail to load: fixed beside a CPU torch, untouched beside CUDA."""
+    pkgs = tmp_path / "site"
+    ta = pkgs / "torchaudio"
+    (ta / "lib").mkdir(parents=True)
+    (ta / "__init__.py").write_text(
+        "import glob, os\n"
+        "if glob.glob(os.path.join(os.path.dirname(__file__), 'lib', '*.so')):\n"
+        "    raise OSError('libtorchaudio.so: undefined symbol: _ZN3c10')\n")
+    (ta / "transforms.py").write_text("")
+    (ta / "functional.py").write_text("")
+    for name in ("libtorchaudio.so", "libctc_prefix_decoder.so"):
+        (ta / "lib" / name).write_bytes(b"\x7fELF")
+    (pkgs / "torch").mkdir()
+    (pkgs / "torch" / "__init__.py").write_text(
+        f"__version__ = '2.13.0'\nclass version:\n    cuda = {cuda!r}\n    hip = None\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(pkgs)}
+    out = subprocess.run([sys.executable, str(ROOT / ".ci" / "repair_torchaudio.py")], capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    libs = sorted(p.name for p in (ta / "lib").iterdir())
+    if cuda is None:
+        assert "repaired" in out.stdout and libs == ["libctc_prefix_decoder.so.disabled", "libtorchaudio.so.disabled"]
+    else:
+        assert "Nothing was changed" in out.stderr and libs == ["libctc_prefix_decoder.so", "libtorchaudio.so"]

@@ -1,0 +1,142 @@
+"""Metrics measured as metrics: exact math against scipy, and the reference models' behaviour."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+import torch
+
+from musicgen_lite import metrics
+from musicgen_lite.metrics import clap_score, frechet_distance, kl_divergence
+
+HAVE_TAGGER = (metrics.CHECKPOINTS / "tagger.safetensors").exists()
+HAVE_CLAP = (metrics.CHECKPOINTS / "clap.safetensors").exists()
+
+
+def _fd_reference(a, b):
+    """The textbook formula with scipy's general matrix square root."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s_a @ s_b).real
+    return ((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean)
+
+
+def test_frechet_distance_matches_the_textbook_formula():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)) + 0.5
+    assert frechet_distance(a, b, eps=0) == pytest.approx(_fd_reference(a, b), rel=1e-7)
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9)
+    assert abs(frechet_distance(a, a, eps=0)) < 1e-8
+
+
+def test_frechet_distance_of_shifted_gaussians_is_the_squared_shift():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(2000, 4))
+    shift = np.array([1.0, -2.0, 0.0, 0.5])
+    assert frechet_distance(a, a + shift) == pytest.approx((shift ** 2).sum(), rel=1e-6)
+
+
+def test_frechet_distance_errors():
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+
+
+def test_kl_divergence_matches_scipy_and_is_zero_on_itself():
+    rng = np.random.default_rng(2)
+    p = rng.dirichlet(np.ones(5), size=10)
+    q = rng.dirichlet(np.ones(5), size=10)
+    got = kl_divergence(p, q, eps=1e-12)
+    assert got["kl_ref_gen"] == pytest.approx(np.mean([scipy.stats.entropy(p[i], q[i]) for i in range(10)]), rel=1e-9)
+    assert got["kl_gen_ref"] == pytest.approx(np.mean([scipy.stats.entropy(q[i], p[i]) for i in range(10)]), rel=1e-9)
+    same = kl_divergence(p, p)
+    assert same == {"kl_ref_gen": 0.0, "kl_gen_ref": 0.0}
+    with pytest.raises(ValueError, match="same shape"):
+        kl_divergence(p, q[:, :3])
+
+
+def test_clap_score_is_mean_cosine():
+    t = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    a = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    assert clap_score(t, a) == pytest.approx((1.0 + 1 / np.sqrt(2)) / 2)
+
+
+def test_caption_ranking_counts():
+    a = torch.eye(4)
+    r = metrics.caption_ranking(a, a)
+    assert r == {"true_above_shuffled": 1.0, "retrieval_r1": 1.0, "retrieval_r5": 1.0}
+
+
+def test_tagger_shapes_and_heads():
+    tagger = metrics.AudioTagger().eval()
+    wav = 0.1 * torch.randn(2, 1, 32_000)
+    probs = tagger.predict(wav, 32_000)
+    assert set(probs) == set(metrics.HEADS)
+    assert torch.allclose(probs["style"].sum(-1), torch.ones(2))
+    assert tagger.embed(wav, 32_000).shape[:1] == (2,) and tagger.embed(wav, 32_000).shape[-1] == 128
+    info = {"instrument_families": ["keys", "bass"], "style": "jazz", "mood": "sad", "tempo_bucket": "slow",
+            "drums": True, "mode": "minor"}
+    t = metrics.targets_from_info(info)
+    assert t["family"].sum() == 2 and t["drums"] == 1 and t["mode"] == 1
+
+
+# ------------------------------------------------------------ the shipped reference models
+
+@pytest.fixture(scope="module")
+def heldout():
+    """24 clips never seen in training (seeds outside every training set), 16 kHz, 6 s."""
+    from musicgen_lite.data import compose, render
+    from musicgen_lite.data.dataset import clip_seed
+
+    clips = [compose(clip_seed(9_999, i), 6.0) for i in range(24)]
+    wav = torch.stack([torch.from_numpy(render(c, 16_000))[None] for c in clips])
+    return wav, [c.meta for c in clips]
+
+
+@pytest.mark.skipif(not HAVE_TAGGER, reason="tagger checkpoint not trained yet")
+def test_fad_grows_with_damage(heldout):
+    import torchaudio.functional as AF
+
+    wav, _ = heldout
+    tagger = metrics.load_tagger()
+    a, b = wav[:12], wav[12:]
+    base = metrics.fad(a, b, 16_000, tagger)["fad"]
+    gen = torch.Generator().manual_seed(0)
+    noisy = [metrics.fad(a, b + s * torch.randn(b.shape, generator=gen), 16_000, tagger)["fad"]
+             for s in (0.02, 0.1, 0.3)]
+    assert base < noisy[0] < noisy[1] < noisy[2]
+    low = [metrics.fad(a, AF.lowpass_biquad(b, 16_000, f), 16_000, tagger)["fad"] for f in (3000, 1000, 300)]
+    assert base < low[0] < low[1] < low[2]
+    assert metrics.fad(a, a, 16_000, tagger)["fad"] < 1e-3 * base
+    assert metrics.fad(a, b, 16_000, tagger)["embedder"] == "musicgen-lite-tagger"
+
+
+@pytest.mark.skipif(not HAVE_TAGGER, reason="tagger checkpoint not trained yet")
+def test_tagger_hears_the_attributes_and_its_card_says_how_well(heldout):
+    wav, metas = heldout
+    tagger = metrics.load_tagger()
+    probs = tagger.predict(wav, 16_000)
+    targets = metrics._stack_targets([metrics.targets_from_info(m) for m in metas])
+    acc = metrics.attribute_accuracy(probs, targets)
+    assert acc["drums"] >= 0.8 and acc["style"] >= 0.5 and acc["family"] >= 0.8
+    card = json.loads((metrics.CHECKPOINTS / "tagger.json").read_text())
+    assert set(card["heldout_accuracy"]) == set(metrics.HEADS) and card["heldout_clips"] >= 100
+    p = probs["style"]
+    assert kl_divergence(p, p)["kl_ref_gen"] == 0.0
+
+
+@pytest.mark.skipif(not HAVE_CLAP, reason="CLAP checkpoint not trained yet")
+def test_clap_prefers_the_true_caption(heldout):
+    wav, metas = heldout
+    clap = metrics.load_clap()
+    a = clap.embed_audio(wav, 16_000)
+    t = clap.embed_text([m["description"] for m in metas])
+    ranking = metrics.caption_ranking(a, t)
+    assert ranking["true_above_shuffled"] >= 0.8
+    card = json.loads((metrics.CHECKPOINTS / "clap.json").read_text())
+    assert card["true_above_shuffled"] >= 0.8 and card["heldout_clips"] >= 100
