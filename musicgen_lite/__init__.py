@@ -7,6 +7,9 @@ from .config import SCALES, ScaleConfig, get_config
 from .patterns import PATTERNS, Pattern, get_pattern
 from .quantization import (Codebook, QuantizedResult, ResidualVectorQuantizer, VectorQuantizer, bits_per_second,
                            codebook_stats, num_quantizers_for_bandwidth)
+from .codec import CodecConfig, CompressionModel, MultiScaleMelLoss, codec_config, si_snr
+from .hub import from_transformers, load_checkpoint, load_codec, save_checkpoint
+from .training import evaluate_codec, export_codec, train_codec
 from .data import AudioDataset, compose, compose_corpus, make_dataset, read_manifest, render, synth_clip, write_manifest
 
 __version__ = "0.1.0"
@@ -15,6 +18,9 @@ __all__ = [
     "PATTERNS", "Pattern", "get_pattern",
     "Codebook", "QuantizedResult", "ResidualVectorQuantizer", "VectorQuantizer", "bits_per_second", "codebook_stats",
     "num_quantizers_for_bandwidth",
+    "CodecConfig", "CompressionModel", "MultiScaleMelLoss", "codec_config", "si_snr",
+    "from_transformers", "load_checkpoint", "load_codec", "save_checkpoint",
+    "evaluate_codec", "export_codec", "train_codec",
     "AudioDataset", "AudioError", "SCALES", "ScaleConfig", "compose", "compose_corpus", "get_config",
     "load_audio", "make_dataset", "normalize_loudness", "normalize_peak", "read_manifest", "render",
     "resample", "save_audio", "synth_clip", "write_manifest",

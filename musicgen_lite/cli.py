@@ -83,6 +83,18 @@ def _cmd_train_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_codec(args: argparse.Namespace) -> int:
+    import torch
+
+    from .training import train_codec
+
+    torch.set_num_threads(args.threads)
+    result = train_codec(args.out, scale=args.scale, steps=args.steps, data=args.data, resume=not args.fresh,
+                         seed=args.seed, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musicgen-lite", description="Rebuild MusicGen step by step: data, models, benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train models")
     tsub = t.add_subparsers(dest="train_command", required=True)
+    tc = tsub.add_parser("codec", help="train an EnCodec-style codec (resumes from OUT/checkpoint)")
+    tc.add_argument("out", help="run folder: checkpoint/, log.jsonl, samples/")
+    tc.add_argument("--scale", choices=["tiny", "lite", "full"], default="lite")
+    tc.add_argument("--steps", type=int, default=1000, help="total optimizer steps (a resumed run continues to this)")
+    tc.add_argument("--data", default=None, help="dataset folder with data.jsonl (default: synthetic clips, cached)")
+    tc.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
+    tc.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--threads", type=int, default=2)
+    tc.set_defaults(func=_cmd_train_codec)
     for what, text in (("tagger", "the attribute tagger behind FAD and KL"), ("clap", "the CLAP-style text-audio model")):
         tr = tsub.add_parser(what, help=f"train {text} on our data (renders it first, cached)")
         tr.add_argument("--out", default=None, help="checkpoint path without suffix (default data/checkpoints/NAME)")

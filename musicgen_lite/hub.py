@@ -1,0 +1,202 @@
+"""Weights in and out: safetensors checkpoints, and porting from transformers.
+
+- :func:`save_checkpoint` / :func:`load_checkpoint`: tensors in ``model.safetensors``, the
+  config and anything JSON-able in ``config.json``, both written to a temporary file and
+  renamed, so a crash never leaves half a checkpoint. Nothing is ever unpickled.
+- :func:`from_transformers`: a transformers model -> ours with the same weights. EnCodec is
+  handled here (our module names are transformers' names); MusicGen's decoder and the full
+  MusicGen dispatch to :mod:`musicgen_lite.lm` and :mod:`musicgen_lite.generation`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+# --------------------------------------------------------------------------- atomic files
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    """Atomically write ``tensors`` (contiguous CPU copies, shared storage untied) as safetensors."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = None if metadata is None else {k: str(v) for k, v in metadata.items()}
+    _atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=meta))
+    return path
+
+
+def load_tensors(path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    return load_file(str(path), device=str(device))
+
+
+def save_json(path, obj) -> Path:
+    path = Path(path)
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if torch.is_tensor(o):
+        return o.tolist()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_checkpoint(path, model: nn.Module | dict, config: dict, extra: dict | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint folder ``path``: ``model.safetensors`` + ``config.json``.
+
+    ``model`` is a module or a state dict; ``config`` the dict that rebuilds it; ``extra``
+    any JSON-able facts (step, data, metrics). ``dtype`` (e.g. ``torch.float16``) casts the
+    floating tensors for shipping. Returns the folder.
+    """
+    path = Path(path)
+    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    save_tensors(path / WEIGHTS_NAME, state)
+    save_json(path / CONFIG_NAME, {"config": config, "extra": extra or {}})
+    return path
+
+
+def load_checkpoint(path, device: str | torch.device = "cpu") -> tuple[dict, dict, dict]:
+    """Read a folder written by :func:`save_checkpoint` -> ``(state_dict, config, extra)``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (not a musicgen-lite checkpoint)")
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    return load_tensors(path / WEIGHTS_NAME, device), meta.get("config", {}), meta.get("extra", {})
+
+
+def load_codec(path, device: str | torch.device = "cpu"):
+    """A :class:`~musicgen_lite.codec.CompressionModel` from a checkpoint folder, in eval mode, fp32."""
+    from .codec import CodecConfig, CompressionModel
+
+    state, config, _ = load_checkpoint(path, device)
+    model = CompressionModel(CodecConfig.from_dict(config))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- transformers
+
+def from_transformers(model):
+    """A transformers model -> the musicgen-lite module holding the same weights.
+
+    - ``EncodecModel`` -> :class:`~musicgen_lite.codec.CompressionModel`
+    - ``MusicgenForCausalLM`` -> :func:`musicgen_lite.lm.from_transformers_decoder`
+    - ``MusicgenForConditionalGeneration`` / ``MusicgenMelodyForConditionalGeneration`` ->
+      :func:`musicgen_lite.generation.from_transformers_musicgen`
+    """
+    name = type(model).__name__
+    if name == "EncodecModel":
+        return encodec_from_transformers(model)
+    if name in ("MusicgenForCausalLM", "MusicgenMelodyForCausalLM"):
+        from .lm import from_transformers_decoder
+
+        return from_transformers_decoder(model)
+    if name in ("MusicgenForConditionalGeneration", "MusicgenMelodyForConditionalGeneration"):
+        from .generation import from_transformers_musicgen
+
+        return from_transformers_musicgen(model)
+    raise TypeError(f"from_transformers: no port for {name} (expected EncodecModel or a Musicgen model)")
+
+
+def codec_config_from_transformers(hf_config):
+    """transformers' ``EncodecConfig`` -> our :class:`~musicgen_lite.codec.CodecConfig`."""
+    from .codec import CodecConfig
+
+    c = hf_config
+    if c.norm_type != "weight_norm":
+        raise NotImplementedError(f"EnCodec with norm_type={c.norm_type!r} (only weight_norm is ported)")
+    if c.normalize or c.chunk_length_s is not None:
+        raise NotImplementedError("EnCodec with normalize=True or chunk_length_s (the 48 kHz model) is not ported")
+    if c.codebook_dim != c.hidden_size:
+        raise NotImplementedError("EnCodec with codebook_dim != hidden_size is not ported")
+    return CodecConfig(
+        sample_rate=c.sampling_rate, channels=c.audio_channels, dimension=c.hidden_size, n_filters=c.num_filters,
+        ratios=list(c.upsampling_ratios), n_residual_layers=c.num_residual_layers,
+        dilation_base=c.dilation_growth_rate, kernel_size=c.kernel_size, last_kernel_size=c.last_kernel_size,
+        residual_kernel_size=c.residual_kernel_size, compress=c.compress, lstm_layers=c.num_lstm_layers,
+        causal=c.use_causal_conv, pad_mode=c.pad_mode, true_skip=not c.use_conv_shortcut,
+        trim_right_ratio=c.trim_right_ratio, n_q=c.num_quantizers, bins=c.codebook_size)
+
+
+def _weight_norm_parts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain conv weight -> ``(g, v)`` with ``g * v / |v| == w`` (norm over all dims but 0)."""
+    g = w.flatten(1).norm(dim=1).view(-1, *([1] * (w.dim() - 1)))
+    return g, w
+
+
+def encodec_from_transformers(hf_model):
+    """transformers ``EncodecModel`` -> :class:`~musicgen_lite.codec.CompressionModel` (eval mode).
+
+    Weight norm arrives as ``weight_g`` / ``weight_v`` (old ``nn.utils.weight_norm``), as
+    ``parametrizations.weight.original0/1`` (new), or already folded as ``weight``: all
+    three map onto our parametrization. The codebooks load as they are.
+    """
+    from .codec import CompressionModel
+
+    cfg = codec_config_from_transformers(hf_model.config)
+    ours = CompressionModel(cfg)
+    expected = ours.state_dict()
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        if key.endswith(".weight_g"):
+            state[key[: -len("weight_g")] + "parametrizations.weight.original0"] = value
+        elif key.endswith(".weight_v"):
+            state[key[: -len("weight_v")] + "parametrizations.weight.original1"] = value
+        elif key.endswith("conv.weight") and key not in expected:
+            g, v = _weight_norm_parts(value)
+            base = key[: -len("weight")] + "parametrizations.weight."
+            state[base + "original0"], state[base + "original1"] = g, v
+        else:
+            state[key] = value
+    missing = set(expected) - set(state)
+    # EnCodec checkpoints have no `embed_avg` etc. in some exports: keep ours then
+    for key in list(missing):
+        if ".codebook." in key and not key.endswith(".embed"):
+            state[key] = expected[key]
+            missing.discard(key)
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"EnCodec port: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    ours.load_state_dict({k: v.detach().clone() for k, v in state.items()})
+    for layer in ours.quantizer.layers:
+        layer.codebook.inited.fill_(1.0)
+    return ours.to(next(hf_model.parameters()).device).eval()

@@ -1,0 +1,348 @@
+"""Training: the codec trainer, schedules, and checkpoints that resume exactly.
+
+A training state is a folder written atomically (see :mod:`musicgen_lite.hub`):
+
+- ``model.safetensors``: ``model.*`` weights and buffers, ``optim.{i}.{name}`` optimizer
+  tensors, ``rng.torch`` (and ``rng.cuda``) generator states;
+- ``config.json``: the model config, plus ``extra`` = step, optimizer hyper-parameters,
+  loss history and the options of the run.
+
+Resume loads all of it, so an interrupted run continues with the same batches, the same
+random draws (quantizer dropout, dead codes) and the same losses as one that never stopped:
+batches are drawn from a generator seeded by ``(seed, step)``, never from hidden state.
+
+:func:`train_codec` is the entry point that ``musicgen-lite train codec`` calls.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .hub import load_checkpoint, save_checkpoint
+
+
+# --------------------------------------------------------------------------- schedules
+
+def lr_at(step: int, base_lr: float, warmup: int = 0, total: int | None = None, schedule: str = "constant",
+          min_ratio: float = 0.1) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup over ``warmup`` steps, then constant or cosine."""
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "cosine" and total:
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    return base_lr
+
+
+# --------------------------------------------------------------------------- training state
+
+def save_training_state(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, step: int,
+                        config: dict, extra: dict | None = None) -> Path:
+    """Model + optimizer + step + RNG state in one atomic checkpoint folder (see module doc)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    meta = dict(extra or {}, step=int(step))
+    if optimizer is not None:
+        opt = optimizer.state_dict()
+        scalars = {}
+        for idx, state in opt["state"].items():
+            for name, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{idx}.{name}"] = value
+                else:
+                    scalars[f"{idx}.{name}"] = value
+        meta["optimizer"] = {"param_groups": opt["param_groups"], "scalars": scalars}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return save_checkpoint(path, tensors, config, meta)
+
+
+def load_training_state(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                        restore_rng: bool = True, device: str | torch.device = "cpu") -> dict:
+    """Load what :func:`save_training_state` wrote into ``model`` (and ``optimizer``); returns ``extra``."""
+    tensors, _, extra = load_checkpoint(path, device)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    if optimizer is not None and "optimizer" in extra:
+        state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        for key, value in extra["optimizer"]["scalars"].items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+        for s in state.values():  # Adam keeps `step` on the CPU
+            if "step" in s and torch.is_tensor(s["step"]):
+                s["step"] = s["step"].cpu()
+        optimizer.load_state_dict({"state": state, "param_groups": extra["optimizer"]["param_groups"]})
+    if restore_rng:
+        torch.set_rng_state(tensors["rng.torch"].cpu())
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"].cpu())
+    return extra
+
+
+# --------------------------------------------------------------------------- data
+
+class ClipBank:
+    """Every clip of a dataset folder held in memory at one sample rate; seeded random crops.
+
+    ``batch(step, size, samples)`` draws clips and offsets from a generator seeded by
+    ``(seed, step)``, so step ``s`` always gets the same batch, whatever happened before.
+    """
+
+    def __init__(self, root, sample_rate: int, seed: int = 0):
+        from .data import AudioDataset
+
+        dataset = AudioDataset(root, segment_seconds=None, sample_rate=sample_rate)
+        self.wavs = [dataset[i][0].mean(0, keepdim=True) for i in range(len(dataset))]  # [(1, N)]
+        if not self.wavs:
+            raise ValueError(f"{root}: no clips")
+        self.sample_rate, self.seed = sample_rate, seed
+
+    def __len__(self) -> int:
+        return len(self.wavs)
+
+    def batch(self, step: int, size: int, samples: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        out = torch.zeros(size, 1, samples)
+        picks = torch.randint(len(self.wavs), (size,), generator=g)
+        for b, i in enumerate(picks.tolist()):
+            wav = self.wavs[i]
+            room = wav.shape[-1] - samples
+            start = int(torch.randint(room + 1, (1,), generator=g)) if room > 0 else 0
+            piece = wav[:, start:start + samples]
+            out[b, :, : piece.shape[-1]] = piece
+        return out  # (B, 1, N)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_codec(model, wavs: torch.Tensor, n_qs=None, mel_loss=None) -> list[dict]:
+    """Quality of ``model`` on ``wavs`` ``[B, 1, N]`` per number of codebooks.
+
+    Returns one dict per ``n_q``: ``si_snr`` (dB, mean over items), ``mel`` (multi-scale mel
+    distance, lower is better) and ``kbps``.
+    """
+    from .codec import MultiScaleMelLoss, si_snr
+
+    mel_loss = mel_loss or MultiScaleMelLoss(model.sample_rate).to(wavs.device)
+    rows = []
+    for n_q in n_qs or range(1, model.num_codebooks + 1):
+        rec = model.reconstruct(wavs, n_q=n_q)
+        rows.append({"n_q": n_q, "kbps": model.bits_per_second(n_q) / 1000,
+                     "si_snr": float(si_snr(rec, wavs).mean()), "mel": float(mel_loss(rec, wavs))})
+    return rows
+
+
+# --------------------------------------------------------------------------- codec trainer
+
+def codec_train_options(scale: str) -> dict:
+    """The recipe per scale: batch, segment, learning rate, losses (lite: checked in short runs only)."""
+    base = dict(batch_size=8, segment_seconds=1.0, lr=3e-4, betas=(0.5, 0.9), warmup=50, grad_clip=1.0,
+                l1_weight=0.1, mel_weight=1.0, adversarial=False, n_clips=64, clip_seconds=4.0, log_every=25,
+                sample_every=500, checkpoint_every=250,
+                mel_windows=(64, 128, 256, 512, 1024, 2048))
+    if scale == "tiny":
+        base.update(batch_size=4, segment_seconds=0.5, lr=1e-3, betas=(0.9, 0.999), warmup=5, n_clips=8,
+                    clip_seconds=2.0, log_every=5, sample_every=0, checkpoint_every=50,
+                    mel_windows=(64, 128, 256, 512))
+    elif scale == "lite":
+        # checked in short runs: EnCodec's betas (0.5, 0.9) and lr 1e-3 collapsed level 1 to a few entries
+        base.update(batch_size=16, segment_seconds=1.0, lr=3e-4, betas=(0.9, 0.999), warmup=100, n_clips=400,
+                    clip_seconds=8.0)
+    elif scale == "full":
+        base.update(batch_size=32, segment_seconds=1.0, lr=3e-4, warmup=1000, adversarial=True, n_clips=20_000,
+                    clip_seconds=10.0, checkpoint_every=2000, sample_every=5000)
+    return base
+
+
+def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resume: bool = True, seed: int = 0,
+                device: str | None = None, progress: bool = True, max_seconds: float | None = None,
+                config_overrides: dict | None = None, **options) -> dict:
+    """Train a :class:`~musicgen_lite.codec.CompressionModel` into ``out_dir``; resumable.
+
+    Args:
+        out_dir: folder for ``checkpoint/`` (latest state), ``log.jsonl`` and ``samples/``.
+        scale: codec and recipe preset (``tiny`` | ``lite`` | ``full``).
+        steps: total optimizer steps (a resumed run continues up to this number).
+        data: a dataset folder (``data.jsonl`` manifest); default: synthetic clips made and
+            cached by :func:`musicgen_lite.data.make_dataset` at the codec's sample rate.
+        resume: continue from ``out_dir/checkpoint`` when it exists.
+        max_seconds: stop (after checkpointing) when this much wall time has passed, so long
+            runs can be split across sessions.
+        config_overrides: fields of :class:`~musicgen_lite.codec.CodecConfig` to change.
+        **options: override :func:`codec_train_options` (``batch_size``, ``segment_seconds``,
+            ``lr``, ``warmup``, ``grad_clip``, ``l1_weight``, ``mel_weight``, ``adversarial``,
+            ``log_every``, ``sample_every``, ``checkpoint_every``, ``n_clips``, ``clip_seconds``,
+            ``mel_windows``, ``schedule``).
+
+    Returns a summary dict: ``step``, ``losses`` (one per step of this call), ``log`` (the
+    logged rows, with per-level codebook usage), ``checkpoint`` path, ``wall_seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    from .codec import (Balancer, CodecConfig, CompressionModel, MultiScaleMelLoss, MultiScaleSTFTDiscriminator,
+                        adversarial_losses, codec_config, discriminator_loss)
+
+    opts = codec_train_options(scale)
+    unknown = set(options) - set(opts) - {"schedule"}
+    if unknown:
+        raise TypeError(f"train_codec: unknown options {sorted(unknown)}")
+    opts.update(options)
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "checkpoint"
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    cfg = codec_config(scale, **(config_overrides or {}))
+    start_step, history = 0, []
+    if resume and (ckpt / "config.json").is_file():
+        cfg = CodecConfig.from_dict(json.loads((ckpt / "config.json").read_text())["config"])
+    torch.manual_seed(seed)
+    model = CompressionModel(cfg).to(device).train()
+    disc = MultiScaleSTFTDiscriminator().to(device) if opts["adversarial"] else None
+    params = list(model.parameters())
+    optimizer = torch.optim.Adam(params, lr=opts["lr"], betas=tuple(opts["betas"]))
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=opts["lr"], betas=(0.5, 0.9)) if disc else None
+    balancer = Balancer({"l1": opts["l1_weight"], "mel": opts["mel_weight"], "adv": 3.0, "fm": 3.0}) if disc else None
+    if resume and (ckpt / "config.json").is_file():
+        extra = load_training_state(ckpt, model, optimizer, device=device)
+        start_step, history = int(extra["step"]), list(extra.get("losses", []))
+        if disc is not None and (ckpt / "disc").is_dir():
+            load_training_state(ckpt / "disc", disc, disc_opt, restore_rng=False, device=device)
+            balancer.load_state_dict(extra.get("balancer", {}))
+
+    if data is None:
+        from .data import make_dataset
+
+        data = make_dataset(None, n=opts["n_clips"], seconds=opts["clip_seconds"], seed=seed,
+                            sample_rate=cfg.sample_rate, progress=progress)
+    bank = ClipBank(data, cfg.sample_rate, seed=seed)
+    samples = int(round(opts["segment_seconds"] * cfg.sample_rate))
+    mel = MultiScaleMelLoss(cfg.sample_rate, windows=tuple(opts["mel_windows"])).to(device)
+    probe = bank.batch(10**9, 1, min(samples * 4, max(w.shape[-1] for w in bank.wavs))).to(device)
+    log_path = out_dir / "log.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    losses, log_rows = [], []
+    t0 = time.perf_counter()
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not progress, desc="codec")
+    step = start_step
+    usage_acc = torch.zeros(cfg.n_q)
+    for step in bar:
+        lr = lr_at(step, opts["lr"], opts["warmup"], steps, opts.get("schedule", "constant"))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        wav = bank.batch(step, opts["batch_size"], samples).to(device)  # (B, 1, N)
+        with torch.autocast(**autocast):
+            out = model(wav)
+        rec = out.wav.float()
+        l1 = F.l1_loss(rec, wav)
+        mel_l = mel(rec, wav)
+        optimizer.zero_grad(set_to_none=True)
+        if disc is None:
+            loss = opts["l1_weight"] * l1 + opts["mel_weight"] * mel_l + out.vq_loss
+            loss.backward()
+            values = {"l1": float(l1.detach()), "mel": float(mel_l.detach())}
+        else:
+            adv, fm = adversarial_losses(disc, wav, rec)
+            values = balancer.backward({"l1": l1, "mel": mel_l, "adv": adv, "fm": fm}, rec, out.vq_loss)
+            loss = opts["l1_weight"] * l1 + opts["mel_weight"] * mel_l
+        if opts["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(params, opts["grad_clip"])
+        optimizer.step()
+        if disc is not None:
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss = discriminator_loss(disc, wav, rec)
+            d_loss.backward()
+            disc_opt.step()
+            values["disc"] = float(d_loss.detach())
+        total = float(loss.detach()) + float(out.vq_loss.detach())
+        losses.append(total)
+        history.append(round(total, 6))
+        n_levels = out.codes.shape[1]
+        usage_acc[:n_levels] = torch.maximum(usage_acc[:n_levels], out.metrics["usage"].cpu())
+        done = step + 1
+        if done % opts["log_every"] == 0 or done == steps:
+            row = {"step": done, "lr": lr, "loss": total, "vq": float(out.vq_loss.detach()), **values,
+                   "n_q": int(n_levels), "usage": [round(float(u), 4) for u in out.metrics["usage"]],
+                   "entries_used": [int(round(float(u) * cfg.bins)) for u in out.metrics["usage"]],
+                   "replaced": [int(r) for r in out.metrics["replaced"]],
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            log_rows.append(row)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{total:.3f}", mel=f"{values['mel']:.3f}")
+        out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+        if done % opts["checkpoint_every"] == 0 or done == steps or out_of_time:
+            _save(ckpt, model, optimizer, done, cfg, history, opts, disc, disc_opt, balancer)
+        if opts["sample_every"] and done % opts["sample_every"] == 0:
+            write_samples(out_dir / "samples", model, probe, done)
+        if out_of_time:
+            break
+    bar.close()
+    if not losses and not (ckpt / "config.json").is_file():
+        _save(ckpt, model, optimizer, step, cfg, history, opts, disc, disc_opt, balancer)
+    return {"step": step + 1 if losses else start_step, "losses": losses, "log": log_rows, "checkpoint": ckpt,
+            "wall_seconds": time.perf_counter() - t0, "model": model.eval()}
+
+
+def _save(ckpt, model, optimizer, step, cfg, history, opts, disc, disc_opt, balancer) -> None:
+    extra = {"losses": history, "options": opts}
+    if balancer is not None:
+        extra["balancer"] = balancer.state_dict()
+        save_training_state(ckpt / "disc", disc, disc_opt, step, {})
+    save_training_state(ckpt, model, optimizer, step, cfg.to_dict(), extra)
+
+
+def write_samples(folder, model, wav: torch.Tensor, step: int) -> list[Path]:
+    """Reconstructions of ``wav`` ``[1, 1, N]`` at 1..K codebooks (wav files) and one mel figure."""
+    from .audio import save_audio
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    recs = [model.reconstruct(wav, n_q=k)[0].cpu() for k in range(1, model.num_codebooks + 1)]
+    for k, rec in enumerate(recs, 1):
+        paths.append(save_audio(folder / f"step{step:07d}_q{k}.wav", rec, model.sample_rate))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        from . import nb
+
+        fig, axes = plt.subplots(1, len(recs) + 1, figsize=(3 * (len(recs) + 1), 2.5))
+        nb.plot_mel(wav[0].cpu(), model.sample_rate, ax=axes[0], title="original")
+        for k, rec in enumerate(recs, 1):
+            nb.plot_mel(rec, model.sample_rate, ax=axes[k], title=f"{k} codebook{'s' * (k > 1)}")
+        fig.tight_layout()
+        fig.savefig(folder / f"step{step:07d}_mel.png", dpi=80)
+        plt.close(fig)
+    except Exception:  # figures are a convenience; never stop training for them
+        pass
+    model.train()
+    return paths
+
+
+def export_codec(run_dir, out_dir, dtype: torch.dtype | None = torch.float16, extra: dict | None = None) -> Path:
+    """A training run's latest codec weights (no optimizer) as a shippable checkpoint folder.
+
+    Stores floating tensors as ``dtype`` (fp16 halves the size; :func:`musicgen_lite.hub.load_codec`
+    reads them back as fp32). ``extra`` (data, steps, wall time, command, metrics) goes into
+    ``config.json`` for the model card.
+    """
+    tensors, config, meta = load_checkpoint(Path(run_dir) / "checkpoint")
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    info = {"step": meta.get("step"), "options": meta.get("options"), **(extra or {})}
+    return save_checkpoint(out_dir, state, config, info, dtype=dtype)

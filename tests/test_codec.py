@@ -1,0 +1,198 @@
+"""The codec: shapes and padding, parity with transformers' EnCodec, inference paths, bad input, checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from musicgen_lite.audio import AudioError
+from musicgen_lite.codec import (CODEC_PRESETS, CodecConfig, CompressionModel, MultiScaleMelLoss, codec_config,
+                                 receptive_field, si_snr)
+from musicgen_lite.hub import from_transformers, load_checkpoint, load_codec, save_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_encodec(causal: bool, ratios=(4, 2, 3), lstm=1, shortcut=None, sr=8000, seed=0):
+    """A tiny random transformers EncodecModel with random (non-zero) codebooks."""
+    from transformers import EncodecConfig, EncodecModel
+
+    torch.manual_seed(seed)
+    hop = math.prod(ratios)
+    n_q, bins = 3, 32
+    bw = n_q * math.log2(bins) * math.ceil(sr / hop) / 1000
+    cfg = EncodecConfig(sampling_rate=sr, audio_channels=1, hidden_size=16, num_filters=4,
+                        upsampling_ratios=list(ratios), num_lstm_layers=lstm, codebook_size=bins,
+                        target_bandwidths=[bw], use_causal_conv=causal,
+                        use_conv_shortcut=causal if shortcut is None else shortcut, normalize=False)
+    hf = EncodecModel(cfg).eval()
+    with torch.no_grad():
+        for k, layer in enumerate(hf.quantizer.layers):
+            layer.codebook.embed.normal_().mul_(0.5 ** k)
+    return hf, bw
+
+
+@pytest.mark.parametrize("causal,ratios,lstm", [(False, (4, 2, 3), 1), (True, (5, 2), 2), (False, (2, 2), 2)])
+def test_port_matches_transformers(causal, ratios, lstm):
+    hf, bw = _hf_encodec(causal, ratios, lstm)
+    ours = from_transformers(hf)
+    assert ours.frame_rate == pytest.approx(8000 / math.prod(ratios))
+    wav = torch.randn(2, 1, 1003, generator=torch.Generator().manual_seed(1)) * 0.3
+    with torch.no_grad():
+        out = hf.encode(wav, bandwidth=bw)
+        their_codes = out.audio_codes[0]
+        their_wav = hf.decode(out.audio_codes, out.audio_scales).audio_values
+    codes = ours.encode(wav)
+    assert codes.shape == (2, 3, math.ceil(1003 / math.prod(ratios)))
+    assert torch.equal(codes, their_codes)
+    torch.testing.assert_close(ours.decode(codes), their_wav, atol=1e-5, rtol=1e-4)
+    # the training forward (gradients on, parametrized weights, generic transposed conv) agrees too
+    with torch.no_grad():
+        latents = hf.encoder(wav)
+    torch.testing.assert_close(ours.encoder(wav), latents, atol=1e-5, rtol=1e-4)
+
+
+def test_port_accepts_old_weight_norm_names():
+    """Checkpoints saved with nn.utils.weight_norm carry weight_g / weight_v: they map too."""
+    hf, bw = _hf_encodec(False)
+    ours = from_transformers(hf)
+    state = {}
+    for k, v in hf.state_dict().items():
+        k = k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1",
+                                                                                "weight_v")
+        state[k] = v
+
+    class Fake(torch.nn.Module):  # quacks like EncodecModel with the old names
+        def __init__(self):
+            super().__init__()
+            self.config = hf.config
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def state_dict(self, *a, **k):
+            return state
+
+    Fake.__name__ = "EncodecModel"
+    again = from_transformers(Fake())
+    wav = torch.randn(1, 1, 500)
+    assert torch.equal(again.encode(wav), ours.encode(wav))
+
+
+def test_unknown_model_type_is_a_clear_error():
+    with pytest.raises(TypeError, match="no port"):
+        from_transformers(torch.nn.Linear(2, 2))
+
+
+def test_presets_and_shapes():
+    full = codec_config("full")
+    assert (full.sample_rate, full.n_filters, full.ratios, full.dimension, full.n_q, full.bins) == (
+        32_000, 64, [8, 5, 4, 4], 128, 4, 2048)
+    assert full.hop_length == 640 and full.frame_rate == 50
+    for name in CODEC_PRESETS:
+        assert codec_config(name).frame_rate == 50
+    model = CompressionModel(codec_config("tiny"))
+    assert (model.sample_rate, model.num_codebooks, model.cardinality, model.frame_rate) == (16_000, 4, 256, 50)
+    for n in (320, 321, 1000, 16_000):
+        codes = model.encode(torch.randn(3, 1, n))
+        assert codes.shape == (3, 4, math.ceil(n / 320)) and codes.dtype == torch.long
+        assert model.decode(codes).shape == (3, 1, codes.shape[-1] * 320)
+    assert model.bits_per_second() == 4 * 8 * 50
+    assert receptive_field(full) > 640  # a frame sees more than its own hop
+
+
+def test_causal_encoder_never_looks_ahead():
+    model = CompressionModel(codec_config("tiny", causal=True, pad_mode="constant"))
+    wav = torch.randn(1, 1, 3200)
+    later = wav.clone()
+    later[..., 1600:] = torch.randn(1, 1, 1600)
+    with torch.no_grad():
+        a, b = model.encoder(wav), model.encoder(later)
+    torch.testing.assert_close(a[..., :5], b[..., :5])  # frames 0..4 end at sample 1600
+    assert not torch.allclose(a[..., -1], b[..., -1])
+
+
+def test_inference_folds_weight_norm_and_tracks_updates():
+    model = CompressionModel(codec_config("tiny")).eval()
+    wav = torch.randn(2, 1, 1600)
+    with torch.no_grad():
+        reference = model.decoder(model.encoder(wav))  # parametrized weights (grad mode off, no fold)
+    with torch.inference_mode():
+        folded = model.decoder(model.encoder(wav))
+    torch.testing.assert_close(folded, reference, atol=1e-6, rtol=1e-5)
+    # a parameter update must invalidate the cached folded weights
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+        reference = model.decoder(model.encoder(wav))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.decoder(model.encoder(wav)), reference, atol=1e-6, rtol=1e-5)
+    codes = model.encode(wav)
+    model.fold_weight_norm()
+    assert not any("original0" in k for k in model.state_dict())
+    assert torch.equal(model.encode(wav), codes)
+
+
+def test_chunked_encode_decode_matches_whole():
+    model = CompressionModel(codec_config("tiny", lstm_layers=0))  # convs only: finite receptive field
+    wav = torch.randn(1, 1, 16_000 * 3, generator=torch.Generator().manual_seed(3)) * 0.3
+    codes = model.encode(wav)
+    chunked = model.encode(wav, chunk_seconds=1.0, context_seconds=0.5)
+    assert torch.equal(chunked, codes)
+    whole = model.decode(codes)
+    torch.testing.assert_close(model.decode(codes, chunk_seconds=0.5, context_seconds=0.3), whole,
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_bad_input():
+    model = CompressionModel(codec_config("tiny"))
+    T = 50
+    with pytest.warns(UserWarning, match="resampled"):
+        codes = model.encode(torch.randn(1, 1, 32_000), sample_rate=32_000)
+    assert codes.shape[-1] == T  # 1 s at 32 kHz -> 1 s at 16 kHz
+    assert model.encode(torch.randn(2, 2, 16_000)).shape == (2, 4, T)  # stereo downmixed
+    assert model.encode(torch.randn(1, 1, 10)).shape == (1, 4, 1)  # shorter than a hop: padded
+    assert model.encode(torch.randn(16_000)).shape == (1, 4, T)  # [N] accepted
+    silence = model.reconstruct(torch.zeros(1, 1, 1600))
+    assert torch.isfinite(silence).all()
+    bad = torch.randn(1, 1, 1600)
+    bad[0, 0, 7] = float("nan")
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        model.encode(bad)
+    bad[0, 0, 7] = float("inf")
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        model.encode(bad)
+    with pytest.raises(ValueError, match="codes must lie"):
+        model.decode(torch.full((1, 4, 3), 256))
+    with pytest.raises(ValueError, match="expected codes"):
+        model.decode(torch.zeros(1, 5, 3, dtype=torch.long))
+
+
+def test_training_forward_and_losses():
+    model = CompressionModel(codec_config("tiny")).train()
+    wav = torch.randn(2, 1, 1000) * 0.1
+    out = model(wav)
+    assert out.wav.shape == wav.shape and out.codes.shape[1] <= 4
+    mel = MultiScaleMelLoss(16_000, windows=(64, 256))
+    loss = mel(out.wav, wav) + (out.wav - wav).abs().mean() + out.vq_loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
+    assert mel(wav, wav).item() == 0.0
+    # SI-SNR: a scaled copy is perfect, noise is bad
+    assert si_snr(wav * 3, wav).min() > 60
+    assert si_snr(torch.randn_like(wav), wav).max() < 0
+
+
+def test_checkpoint_roundtrip_is_atomic_and_unpickled(tmp_path):
+    model = CompressionModel(codec_config("tiny"))
+    path = save_checkpoint(tmp_path / "ck", model, model.config.to_dict(), extra={"step": 3})
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]  # no temp left
+    state, config, extra = load_checkpoint(path)
+    assert extra == {"step": 3} and CodecConfig.from_dict(config) == model.config
+    assert set(state) == set(model.state_dict())
+    again = load_codec(path)
+    wav = torch.randn(1, 1, 1600)
+    assert torch.equal(again.encode(wav), model.encode(wav))
+    assert json.loads((path / "config.json").read_text())["config"]["bins"] == 256
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing")
