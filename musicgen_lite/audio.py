@@ -140,6 +140,7 @@ def save_audio(path, wav, sample_rate: int, subtype: str | None = None) -> Path:
     os.close(fd)
     try:
         sf.write(tmp, x.clamp(-1, 1).numpy().T, sample_rate, format=fmt, subtype=subtype)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; audio is for sharing
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
