@@ -148,6 +148,39 @@ def targets_from_info(info: dict) -> dict:
             "mode": ("major", "minor").index(info["mode"])}
 
 
+class ChromaBranch(nn.Module):
+    """Key-independent harmony features: what tells major from minor, which log-mels cannot.
+
+    A 64-band mel spectrogram is far too coarse below 1 kHz to separate semitones, so the mode
+    is nearly invisible to the CNN. This branch takes the clip's mean chroma (4096-point STFT:
+    3.9 Hz bins at 16 kHz, librosa's chroma filterbank), passes each of its 12 rotations through
+    one small MLP and keeps the maximum over rotations: the same features in every key.
+    """
+
+    def __init__(self, sample_rate: int, n_fft: int = 4096, hidden: int = 64, out: int = 64):
+        super().__init__()
+        import librosa
+
+        fb = librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, n_chroma=12)  # (12, n_fft // 2 + 1)
+        self.register_buffer("fb", torch.tensor(fb, dtype=torch.float32), persistent=False)
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.n_fft, self.hop, self.out = n_fft, n_fft // 4, out
+        self.mlp = nn.Sequential(nn.Linear(12, hidden), nn.ReLU(), nn.Linear(hidden, out), nn.ReLU())
+
+    def chroma(self, wav: torch.Tensor) -> torch.Tensor:
+        """Mean chroma ``[B, 12]`` (C first, sums to 1) of ``wav [B, 1, N]``."""
+        spec = torch.stft(wav[:, 0].float(), self.n_fft, self.hop, window=self.window,
+                          return_complex=True).abs().pow(2)  # (B, F, T)
+        c = torch.einsum("cf,bft->bct", self.fb, spec)  # (B, 12, T)
+        c = c / (c.amax(1, keepdim=True) + 1e-8)  # each frame's strongest pitch class = 1
+        c = c.mean(-1)
+        return c / (c.sum(-1, keepdim=True) + 1e-8)
+
+    def forward(self, chroma: torch.Tensor) -> torch.Tensor:
+        rots = torch.stack([torch.roll(chroma, -r, dims=-1) for r in range(12)], dim=1)  # (B, 12, 12)
+        return self.mlp(rots).amax(1)  # (B, out): max over the 12 candidate tonics
+
+
 class AudioTagger(nn.Module):
     """Predicts the data's attributes from audio; its window embeddings are the FAD space."""
 
@@ -157,8 +190,9 @@ class AudioTagger(nn.Module):
         super().__init__()
         self.cfg = cfg or FrontendConfig()
         self.trunk = LogMelCNN(self.cfg)
-        d = self.cfg.embed_dim
-        self.heads = nn.ModuleDict({k: nn.Linear(2 * d, len(labels)) for k, (labels, _) in HEADS.items()})
+        self.harmony = ChromaBranch(self.cfg.sample_rate)
+        d = 2 * self.cfg.embed_dim + self.harmony.out
+        self.heads = nn.ModuleDict({k: nn.Linear(d, len(labels)) for k, (labels, _) in HEADS.items()})
 
     def _prepare(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
         from .audio import resample
@@ -170,11 +204,12 @@ class AudioTagger(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> dict:
         """Logits per head for 16 kHz ``wav [B, 1, N]``."""
-        return self.forward_mel(self.trunk.log_mel(wav))
+        return self.forward_features(self.trunk.log_mel(wav), self.harmony.chroma(wav))
 
-    def forward_mel(self, mel: torch.Tensor) -> dict:
+    def forward_features(self, mel: torch.Tensor, chroma: torch.Tensor) -> dict:
+        """Logits from a log-mel ``[B, 1, M, F]`` and a mean chroma ``[B, 12]``."""
         e = torch.relu(self.trunk.forward_mel(mel))  # (B, T', D)
-        pooled = torch.cat([e.mean(1), e.amax(1)], dim=-1)  # (B, 2D)
+        pooled = torch.cat([e.mean(1), e.amax(1), self.harmony(chroma)], dim=-1)  # (B, 2D + 64)
         return {k: head(pooled) for k, head in self.heads.items()}
 
     @torch.inference_mode()
@@ -196,7 +231,7 @@ def tagger_loss(logits: dict, targets: dict) -> tuple[torch.Tensor, dict]:
             losses[k] = F.binary_cross_entropy_with_logits(logits[k], targets[k].float())
         else:
             losses[k] = F.cross_entropy(logits[k], targets[k])
-    return sum(losses.values()), {k: float(v) for k, v in losses.items()}
+    return sum(losses.values()), {k: v.item() for k, v in losses.items()}
 
 
 def attribute_accuracy(probs: dict, targets: dict) -> dict:
@@ -310,48 +345,37 @@ def fad(wavs_a, wavs_b, sample_rate: int, embedder=None) -> dict:
 # -------------------------------------------------------------------------- checkpoints
 
 def _save(model: nn.Module, path: Path, card: dict) -> None:
-    """safetensors weights + JSON config, each written atomically."""
-    from safetensors.torch import save_file
+    """A checkpoint folder (``model.safetensors`` + ``config.json``, atomic) via :mod:`musicgen_lite.hub`."""
+    from .hub import save_checkpoint
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(state, tmp)
-    os.replace(tmp, path.with_suffix(".safetensors"))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(card, f, indent=1)
-    os.replace(tmp, path.with_suffix(".json"))
+    save_checkpoint(path, model, config={"frontend": card.get("frontend", {})}, extra=card)
 
 
-def _load(model: nn.Module, path: Path) -> dict:
-    from safetensors.torch import load_file
+def _frontend(config: dict) -> FrontendConfig:
+    return FrontendConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.get("frontend", {}).items()})
+
+
+def _load(cls, path) -> nn.Module:
+    from .hub import load_checkpoint
 
     path = Path(path)
-    weights = path.with_suffix(".safetensors")
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights}: reference model not found (train it with musicgen_lite.metrics.train_*)")
-    model.load_state_dict(load_file(str(weights)))
-    return json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: reference model not found (train it: musicgen-lite train "
+                                f"{'tagger' if cls is AudioTagger else 'clap'})")
+    state, config, _ = load_checkpoint(path)
+    model = cls(_frontend(config))
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def load_tagger(path=None) -> AudioTagger:
-    path = Path(path or CHECKPOINTS / "tagger")
-    card = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
-    tagger = AudioTagger(FrontendConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                            for k, v in card.get("frontend", {}).items()}))
-    _load(tagger, path)
-    return tagger.eval()
+    """The shipped attribute tagger (``data/checkpoints/tagger``), in eval mode."""
+    return _load(AudioTagger, path or CHECKPOINTS / "tagger")
 
 
 def load_clap(path=None) -> ClapModel:
-    path = Path(path or CHECKPOINTS / "clap")
-    card = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
-    model = ClapModel(FrontendConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in card.get("frontend", {}).items()}))
-    _load(model, path)
-    return model.eval()
+    """The shipped CLAP-style model (``data/checkpoints/clap``), in eval mode."""
+    return _load(ClapModel, path or CHECKPOINTS / "clap")
 
 
 # ------------------------------------------------------------- training the reference models
@@ -397,6 +421,8 @@ def train_tagger(train_roots, heldout_roots, out=None, epochs: int = 12, batch_s
     x, infos = _load_sets(train_roots, cfg.sample_rate)
     xh, infos_h = _load_sets(heldout_roots, cfg.sample_rate)
     mels = _log_mels(model.trunk, x)
+    with torch.inference_mode():
+        chromas = torch.cat([model.harmony.chroma(x[i:i + 64]) for i in range(0, len(x), 64)])
     crop = int(crop_seconds * cfg.sample_rate / cfg.hop_length)
     y = [targets_from_info(i) for i in infos]
     yh = _stack_targets([targets_from_info(i) for i in infos_h])
@@ -410,7 +436,8 @@ def train_tagger(train_roots, heldout_roots, out=None, epochs: int = 12, batch_s
         order = torch.randperm(len(x), generator=gen)
         for b in range(0, len(x), batch_size):
             idx = order[b:b + batch_size]
-            loss, parts = tagger_loss(model.forward_mel(_crop(mels[idx], crop, gen)), _stack_targets([y[i] for i in idx]))
+            logits = model.forward_features(_crop(mels[idx], crop, gen), chromas[idx])
+            loss, parts = tagger_loss(logits, _stack_targets([y[i] for i in idx]))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -530,9 +557,11 @@ def reference_datasets(seconds: float = 6.0, sample_rate: int = 16_000, workers:
     return ([roots["train_synth"], roots["train_corpus"]], [roots["heldout_synth"], roots["heldout_corpus"]])
 
 
-def write_model_card(card: dict, path: Path, title: str, command: str) -> None:
-    """A human-readable card beside the weights: data, steps, time, command, quality."""
+def write_model_card(card: dict, path: Path, title: str, command: str, notes: str = "") -> None:
+    """A human-readable ``README.md`` in the checkpoint folder: data, steps, time, command, quality."""
     lines = [f"# {title}", "", f"Reproduce: `{command}`", ""]
     lines += [f"- {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in card.items()
               if k not in ("frontend", "heads")]
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if notes:
+        lines += ["", notes]
+    (Path(path) / "README.md").write_text("\n".join(lines) + "\n")

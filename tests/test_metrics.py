@@ -12,8 +12,8 @@ import torch
 from musicgen_lite import metrics
 from musicgen_lite.metrics import clap_score, frechet_distance, kl_divergence
 
-HAVE_TAGGER = (metrics.CHECKPOINTS / "tagger.safetensors").exists()
-HAVE_CLAP = (metrics.CHECKPOINTS / "clap.safetensors").exists()
+HAVE_TAGGER = (metrics.CHECKPOINTS / "tagger" / "model.safetensors").exists()
+HAVE_CLAP = (metrics.CHECKPOINTS / "clap" / "model.safetensors").exists()
 
 
 def _fd_reference(a, b):
@@ -85,6 +85,17 @@ def test_tagger_shapes_and_heads():
     assert t["family"].sum() == 2 and t["drums"] == 1 and t["mode"] == 1
 
 
+def test_chroma_branch_finds_pitch_classes_and_ignores_the_key():
+    import math
+
+    branch = metrics.ChromaBranch(16_000)
+    t = torch.arange(16_000) / 16_000
+    a4 = torch.sin(2 * math.pi * 440 * t)[None, None]
+    assert int(branch.chroma(a4).argmax()) == 9  # A
+    c = torch.rand(3, 12)
+    torch.testing.assert_close(branch(c), branch(torch.roll(c, 5, dims=-1)))
+
+
 # ------------------------------------------------------------ the shipped reference models
 
 @pytest.fixture(scope="module")
@@ -124,7 +135,7 @@ def test_tagger_hears_the_attributes_and_its_card_says_how_well(heldout):
     targets = metrics._stack_targets([metrics.targets_from_info(m) for m in metas])
     acc = metrics.attribute_accuracy(probs, targets)
     assert acc["drums"] >= 0.8 and acc["style"] >= 0.5 and acc["family"] >= 0.8
-    card = json.loads((metrics.CHECKPOINTS / "tagger.json").read_text())
+    card = json.loads((metrics.CHECKPOINTS / "tagger" / "config.json").read_text())["extra"]
     assert set(card["heldout_accuracy"]) == set(metrics.HEADS) and card["heldout_clips"] >= 100
     p = probs["style"]
     assert kl_divergence(p, p)["kl_ref_gen"] == 0.0
@@ -138,5 +149,5 @@ def test_clap_prefers_the_true_caption(heldout):
     t = clap.embed_text([m["description"] for m in metas])
     ranking = metrics.caption_ranking(a, t)
     assert ranking["true_above_shuffled"] >= 0.8
-    card = json.loads((metrics.CHECKPOINTS / "clap.json").read_text())
+    card = json.loads((metrics.CHECKPOINTS / "clap" / "config.json").read_text())["extra"]
     assert card["true_above_shuffled"] >= 0.8 and card["heldout_clips"] >= 100
