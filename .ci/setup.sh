@@ -40,7 +40,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --disable-pip-version-check -q)
+PIP=(pip_quiet "$PY" -m pip install --disable-pip-version-check -q)
+# pip warns once per package about find-links folders that do not exist on this machine: noise.
+pip_quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 stamp="$VENV/.musicgen-lite-setup"
 want="$(cat pyproject.toml .ci/setup.sh .ci/repair_torchaudio.py | sha256sum | cut -c1-16) torch=$TORCH_VERSION"
