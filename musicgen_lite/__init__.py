@@ -11,10 +11,11 @@ from .codec import CodecConfig, CompressionModel, MultiScaleMelLoss, codec_confi
 from .hub import from_transformers, load_checkpoint, load_codec, save_checkpoint
 from .training import evaluate_codec, export_codec, train_codec
 from . import sampling
-from .conditioning import (ConditionDropout, LearnedTextConditioner, SentenceConditioner, T5Conditioner,
+from .conditioning import (ChromaExtractor, ConditionDropout, LearnedTextConditioner, SentenceConditioner, T5Conditioner,
                            get_conditioner)
 from .generation import MusicGen, TransformersCodec, from_transformers_musicgen
 from .lm import KVCache, LMConfig, MusicLM, from_transformers_decoder, lm_config
+from .metrics import chroma_cosine_similarity, clap_score, fad, frechet_distance, kl_divergence
 from .data import AudioDataset, compose, compose_corpus, make_dataset, read_manifest, render, synth_clip, write_manifest
 
 __version__ = "0.1.0"
@@ -26,9 +27,10 @@ __all__ = [
     "CodecConfig", "CompressionModel", "MultiScaleMelLoss", "codec_config", "si_snr",
     "from_transformers", "load_checkpoint", "load_codec", "save_checkpoint",
     "evaluate_codec", "export_codec", "train_codec",
-    "sampling", "ConditionDropout", "LearnedTextConditioner", "SentenceConditioner", "T5Conditioner",
+    "sampling", "ChromaExtractor", "ConditionDropout", "LearnedTextConditioner", "SentenceConditioner", "T5Conditioner",
     "get_conditioner", "MusicGen", "TransformersCodec", "from_transformers_musicgen",
     "KVCache", "LMConfig", "MusicLM", "from_transformers_decoder", "lm_config",
+    "chroma_cosine_similarity", "clap_score", "fad", "frechet_distance", "kl_divergence",
     "AudioDataset", "AudioError", "SCALES", "ScaleConfig", "compose", "compose_corpus", "get_config",
     "load_audio", "make_dataset", "normalize_loudness", "normalize_peak", "read_manifest", "render",
     "resample", "save_audio", "synth_clip", "write_manifest",

@@ -255,3 +255,58 @@ def make_tiny_t5(texts: Sequence[str], vocab_size: int = 48, d_model: int = 32, 
                       num_layers=2, num_heads=4, dropout_rate=0.0)
     return T5EncoderModel(config).eval(), tokenizer
 
+
+
+# ------------------------------------------------------------------------------- melody
+
+class ChromaExtractor(nn.Module):
+    """MusicGen's melody representation: a chromagram, optionally one-hot at its argmax.
+
+    STFT with ``n_fft = win = 2 ** radix2_exp`` and ``hop = win / 4`` (torchaudio's
+    Spectrogram, power 2), librosa's chroma filterbank (``tuning=0``), each frame scaled so its
+    strongest pitch class is 1, then (``argmax=True``) the one-hot of that pitch class: the
+    melody's dominant note, with timbre and loudness thrown away.
+
+    ``wav [B, 1, N] -> chroma [B, T, n_chroma]``; pass ``frames=T`` to resample the time
+    axis (nearest frame) to a token frame count. MusicGen separates drums and bass away with
+    Demucs first; that model is not available offline, so use a melody stem where there is one
+    (our datasets save the melody line alone in ``stems/``).
+    """
+
+    def __init__(self, sample_rate: int, n_chroma: int = 12, radix2_exp: int = 14, argmax: bool = True):
+        super().__init__()
+        import librosa
+        import torchaudio
+
+        self.sample_rate, self.n_chroma, self.argmax = sample_rate, n_chroma, argmax
+        self.n_fft = 2 ** radix2_exp
+        self.hop_length = self.n_fft // 4
+        fb = librosa.filters.chroma(sr=sample_rate, n_fft=self.n_fft, tuning=0, n_chroma=n_chroma)
+        self.register_buffer("fbanks", torch.tensor(fb, dtype=torch.float32), persistent=False)
+        self.spec = torchaudio.transforms.Spectrogram(n_fft=self.n_fft, win_length=self.n_fft,
+                                                      hop_length=self.hop_length, power=2, center=True,
+                                                      pad_mode="constant")
+
+    def frame_energy(self, wav: torch.Tensor) -> torch.Tensor:
+        """Power per STFT frame ``[B, T]`` (to tell silent frames apart)."""
+        return self._spec(wav).sum(1)
+
+    def _spec(self, wav: torch.Tensor) -> torch.Tensor:
+        if wav.dim() == 2:
+            wav = wav[:, None]
+        x = wav.float().mean(1)  # (B, N): mono
+        if x.shape[-1] < self.n_fft:  # too short for one window: pad with silence
+            x = torch.nn.functional.pad(x, (0, self.n_fft - x.shape[-1]))
+        return self.spec(x)  # (B, F, T)
+
+    def forward(self, wav: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        spec = self._spec(wav)
+        raw = torch.einsum("cf,bft->bct", self.fbanks, spec)  # (B, C, T)
+        chroma = torch.nn.functional.normalize(raw, p=float("inf"), dim=1, eps=1e-6)  # max per frame = 1
+        if self.argmax:
+            chroma = torch.nn.functional.one_hot(chroma.argmax(1), self.n_chroma).transpose(1, 2).float()
+        chroma = chroma.transpose(1, 2)  # (B, T, C)
+        if frames is not None and frames != chroma.shape[1]:
+            idx = torch.div(torch.arange(frames) * chroma.shape[1], frames, rounding_mode="floor")
+            chroma = chroma[:, idx]
+        return chroma

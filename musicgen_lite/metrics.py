@@ -565,3 +565,34 @@ def write_model_card(card: dict, path: Path, title: str, command: str, notes: st
     if notes:
         lines += ["", notes]
     (Path(path) / "README.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------- melody metric
+
+def chroma_cosine_similarity(ref_wav, gen_wav, sample_rate: int, radix2_exp: int = 12, argmax: bool = True,
+                             silence_db: float = -60.0) -> float:
+    """Frame-wise cosine of the (argmax-quantised) chroma of reference and generated audio.
+
+    Both ``[B, 1, N]`` (or ``[1, N]``) at ``sample_rate``; the shorter sets the length. Frames
+    where either signal is silent (power ``silence_db`` below the loudest frame) are left out:
+    a silent frame has no pitch class. With one-hot chroma this is the share of frames whose
+    dominant pitch class agrees (as audiocraft's ChromaCosineSimilarity).
+    """
+    from .conditioning import ChromaExtractor
+
+    ref = torch.as_tensor(ref_wav).float()
+    gen = torch.as_tensor(gen_wav).float()
+    ref, gen = (x if x.dim() == 3 else x.reshape(1, 1, -1) if x.dim() == 1 else x[:, None] for x in (ref, gen))
+    n = min(ref.shape[-1], gen.shape[-1])
+    if n == 0:
+        raise ValueError("chroma_cosine_similarity: empty audio")
+    ref, gen = ref[..., :n], gen[..., :n]
+    extractor = ChromaExtractor(sample_rate, radix2_exp=radix2_exp, argmax=argmax)
+    cr, cg = extractor(ref), extractor(gen)  # (B, T, 12)
+    er, eg = extractor.frame_energy(ref), extractor.frame_energy(gen)  # (B, T)
+    limit = 10 ** (silence_db / 10)
+    valid = (er > limit * er.amax(1, keepdim=True).clamp_min(1e-12)) & (eg > limit * eg.amax(1, keepdim=True).clamp_min(1e-12))
+    cos = F.cosine_similarity(cr, cg, dim=-1)  # (B, T)
+    if not valid.any():
+        raise ValueError("chroma_cosine_similarity: no frame where both signals are audible")
+    return float(cos[valid].mean())
