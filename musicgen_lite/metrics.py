@@ -407,6 +407,17 @@ def _crop(mels: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.gather(mels, 3, idx)
 
 
+def _training_setup(frontend: LogMelCNN, train_roots, heldout_roots, crop_seconds: float, seed: int):
+    """What both reference trainers start from: seeded RNGs, the audio, its log-mels, the crop length."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = frontend.cfg
+    x, infos = _load_sets(train_roots, cfg.sample_rate)
+    xh, infos_h = _load_sets(heldout_roots, cfg.sample_rate)
+    crop = min(int(crop_seconds * cfg.sample_rate / cfg.hop_length), x.shape[-1] // cfg.hop_length)
+    return cfg, gen, x, infos, xh, infos_h, _log_mels(frontend, x), crop
+
+
 def train_tagger(train_roots, heldout_roots, out=None, epochs: int = 12, batch_size: int = 32, lr: float = 2e-3,
                  crop_seconds: float = 4.0, seed: int = 0, progress: bool = True) -> dict:
     """Train the attribute tagger on captioned folders; write weights + model card to ``out``."""
@@ -414,16 +425,11 @@ def train_tagger(train_roots, heldout_roots, out=None, epochs: int = 12, batch_s
 
     from tqdm.auto import tqdm
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    cfg = FrontendConfig()
-    model = AudioTagger(cfg)
-    x, infos = _load_sets(train_roots, cfg.sample_rate)
-    xh, infos_h = _load_sets(heldout_roots, cfg.sample_rate)
-    mels = _log_mels(model.trunk, x)
+    model = AudioTagger(FrontendConfig())
+    cfg, gen, x, infos, xh, infos_h, mels, crop = _training_setup(model.trunk, train_roots, heldout_roots,
+                                                                  crop_seconds, seed)
     with torch.inference_mode():
         chromas = torch.cat([model.harmony.chroma(x[i:i + 64]) for i in range(0, len(x), 64)])
-    crop = int(crop_seconds * cfg.sample_rate / cfg.hop_length)
     y = [targets_from_info(i) for i in infos]
     yh = _stack_targets([targets_from_info(i) for i in infos_h])
     steps = epochs * math.ceil(len(x) / batch_size)
@@ -445,7 +451,7 @@ def train_tagger(train_roots, heldout_roots, out=None, epochs: int = 12, batch_s
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        history.append(float(loss))
+        history.append(loss.item())
     bar.close()
     model.eval()
     probs = _predict_batched(model, xh)
@@ -478,14 +484,9 @@ def train_clap(train_roots, heldout_roots, out=None, epochs: int = 15, batch_siz
 
     from tqdm.auto import tqdm
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    cfg = FrontendConfig()
-    model = ClapModel(cfg)
-    x, infos = _load_sets(train_roots, cfg.sample_rate)
-    xh, infos_h = _load_sets(heldout_roots, cfg.sample_rate)
-    mels = _log_mels(model.audio, x)
-    crop = int(crop_seconds * cfg.sample_rate / cfg.hop_length)
+    model = ClapModel(FrontendConfig())
+    cfg, gen, x, infos, xh, infos_h, mels, crop = _training_setup(model.audio, train_roots, heldout_roots,
+                                                                  crop_seconds, seed)
     enc = model.text_encoder()
     sent = torch.cat([enc([i["description"] for i in infos[b:b + 256]]) for b in range(0, len(infos), 256)])
     sent_h = torch.cat([enc([i["description"] for i in infos_h[b:b + 256]]) for b in range(0, len(infos_h), 256)])

@@ -151,3 +151,21 @@ def test_clap_prefers_the_true_caption(heldout):
     assert ranking["true_above_shuffled"] >= 0.8
     card = json.loads((metrics.CHECKPOINTS / "clap" / "config.json").read_text())["extra"]
     assert card["true_above_shuffled"] >= 0.8 and card["heldout_clips"] >= 100
+
+
+def test_reference_trainers_run_end_to_end(tmp_path):
+    """A minute-scale smoke run of both trainers on 8 tiny clips: cards, checkpoints, reload."""
+    from musicgen_lite.data import make_dataset
+
+    train = make_dataset(tmp_path / "train", n=8, seconds=2.0, seed=5, sample_rate=16_000, workers=1,
+                         melody_stems=False, progress=False)
+    held = make_dataset(tmp_path / "held", n=4, seconds=2.0, seed=6, sample_rate=16_000, workers=1,
+                        melody_stems=False, progress=False)
+    card = metrics.train_tagger([train], [held], out=tmp_path / "tagger", epochs=1, batch_size=4, progress=False)
+    assert card["steps"] == 2 and set(card["heldout_accuracy"]) == set(metrics.HEADS)
+    assert metrics.load_tagger(tmp_path / "tagger").predict(torch.zeros(1, 1, 16_000), 16_000)["style"].shape == (1, 6)
+    card = metrics.train_clap([train], [held], out=tmp_path / "clap", epochs=1, batch_size=4, progress=False)
+    assert card["steps"] == 2 and 0.0 <= card["true_above_shuffled"] <= 1.0
+    assert set(p.name for p in (tmp_path / "clap").iterdir()) == {"model.safetensors", "config.json"}
+    with pytest.raises(FileNotFoundError, match="train it"):
+        metrics.load_tagger(tmp_path / "nothing")
