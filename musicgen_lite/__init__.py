@@ -16,7 +16,7 @@ from .conditioning import (ChromaExtractor, ConditionDropout, LearnedTextConditi
 from .generation import MusicGen, TransformersCodec, from_transformers_musicgen
 from .lm import KVCache, LMConfig, MusicLM, from_transformers_decoder, lm_config
 from .metrics import chroma_cosine_similarity, clap_score, fad, frechet_distance, kl_divergence
-from .data import AudioDataset, compose, compose_corpus, make_dataset, read_manifest, render, synth_clip, write_manifest
+from .data import AudioDataset, TokenDataset, build_token_cache, compose, compose_corpus, make_dataset, read_manifest, render, synth_clip, write_manifest
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,7 @@ __all__ = [
     "get_conditioner", "MusicGen", "TransformersCodec", "from_transformers_musicgen",
     "KVCache", "LMConfig", "MusicLM", "from_transformers_decoder", "lm_config",
     "chroma_cosine_similarity", "clap_score", "fad", "frechet_distance", "kl_divergence",
-    "AudioDataset", "AudioError", "SCALES", "ScaleConfig", "compose", "compose_corpus", "get_config",
+    "AudioDataset", "AudioError", "TokenDataset", "build_token_cache", "SCALES", "ScaleConfig", "compose", "compose_corpus", "get_config",
     "load_audio", "make_dataset", "normalize_loudness", "normalize_peak", "read_manifest", "render",
     "resample", "save_audio", "synth_clip", "write_manifest",
 ]

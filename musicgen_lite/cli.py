@@ -95,6 +95,22 @@ def _cmd_train_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.dataset import TokenDataset, build_token_cache
+    from .hub import load_codec
+
+    torch.set_num_threads(args.threads)
+    codec = load_codec(args.codec)
+    out = build_token_cache(args.data, codec, out=args.out)
+    ds = TokenDataset(out)
+    frames = sum(c["frames"] for c in ds.clips)
+    print(f"{out}: {len(ds.clips)} clips, {frames} frames x {codec.num_codebooks} codebooks "
+          f"({frames / codec.frame_rate / 60:.1f} min of audio)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musicgen-lite", description="Rebuild MusicGen step by step: data, models, benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -146,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument("--threads", type=int, default=2, help="torch CPU threads")
         tr.set_defaults(func=_cmd_train_reference, what=what)
 
+    tok = sub.add_parser("tokenize", help="encode a dataset once with a codec into a memory-mapped token cache")
+    tok.add_argument("data", help="dataset folder with data.jsonl")
+    tok.add_argument("--codec", required=True, help="codec checkpoint folder (model.safetensors + config.json)")
+    tok.add_argument("--out", default=None, help="cache folder (default DATA/tokens)")
+    tok.add_argument("--threads", type=int, default=2)
+    tok.set_defaults(func=_cmd_tokenize)
+
     b = sub.add_parser("bench", help="side-by-side benchmarks against peers")
     b.add_argument("name", help="benchmark name, or 'all'")
     b.add_argument("--json", action="store_true", help="one JSON object per row")
@@ -161,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (AudioError, RenderError, ValueError) as e:
+    except (AudioError, RenderError, ValueError, FileNotFoundError) as e:
         print(f"musicgen-lite {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -298,3 +298,53 @@ def test_make_dataset_rejects_bad_arguments(tmp_path):
         make_dataset(tmp_path, n=1, seconds=-3)
     with pytest.raises(AudioError, match="impossible sample rate"):
         make_dataset(tmp_path, n=1, sample_rate=5)
+
+
+# ------------------------------------------------------------------------------ token cache
+
+def test_token_cache_matches_the_codec_and_is_rebuilt_when_it_changes(tmp_path):
+    from musicgen_lite.codec import CompressionModel, codec_config
+    from musicgen_lite.data.dataset import TokenDataset, build_token_cache
+
+    root = make_dataset(tmp_path / "d", n=3, seconds=1.0, seed=3, sample_rate=16_000, workers=1,
+                        melody_stems=False, progress=False)
+    torch.manual_seed(0)
+    codec = CompressionModel(codec_config("tiny")).eval()
+    cache = build_token_cache(root, codec, clips_per_shard=2, progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == ["index.json", "shard_00000.npy", "shard_00001.npy"]
+    ds = TokenDataset(cache)
+    for i, meta in enumerate(read_manifest(root)):
+        wav, _ = load_audio(meta.path, 16_000)
+        codes, info = ds[i]
+        assert torch.equal(codes, codec.encode(wav[None])[0]) and info["description"]
+    # reused while codec and data are the same; rebuilt when either changes
+    stamp = (cache / "index.json").stat().st_mtime_ns
+    assert build_token_cache(root, codec, progress=False) == cache and (cache / "index.json").stat().st_mtime_ns == stamp
+    with torch.no_grad():
+        next(codec.parameters()).add_(0.01)
+    build_token_cache(root, codec, progress=False)
+    assert json.loads((cache / "index.json").read_text())["fingerprint"]["codec"] != ds.fingerprint["codec"]
+    # segments: consecutive windows, the last one padded and counted
+    segs = TokenDataset(cache, segment_frames=20)
+    T = ds[0][0].shape[-1]
+    assert len(segs) == 3 * -(-T // 20)
+    first, info = segs[0]
+    last, info_last = segs[-(-T // 20) - 1]
+    assert first.shape == (4, 20) and info["n_frames"] == 20 and info_last["n_frames"] == T - 20 * (T // 20)
+    assert (last[:, info_last["n_frames"]:] == 0).all()
+    with pytest.raises(FileNotFoundError, match="no token cache"):
+        TokenDataset(tmp_path)
+
+
+def test_tokenize_command(tmp_path):
+    from musicgen_lite.cli import main
+    from musicgen_lite.codec import CompressionModel, codec_config
+    from musicgen_lite.hub import save_checkpoint
+
+    root = make_dataset(tmp_path / "d", n=2, seconds=1.0, seed=4, sample_rate=16_000, workers=1,
+                        melody_stems=False, progress=False)
+    codec = CompressionModel(codec_config("tiny"))
+    save_checkpoint(tmp_path / "codec", codec, codec.config.to_dict())
+    assert main(["tokenize", str(root), "--codec", str(tmp_path / "codec")]) == 0
+    assert (root / "tokens" / "index.json").exists()
+    assert main(["tokenize", str(root), "--codec", str(tmp_path / "missing")]) != 0

@@ -260,3 +260,146 @@ class AudioDataset(torch.utils.data.Dataset):
         """``[(wav, info), ...] -> (wav [B, 1, N], [info, ...])``; items must share a length."""
         wavs, infos = zip(*batch)
         return torch.stack(wavs), list(infos)
+
+
+# ---------------------------------------------------------------------------- token cache
+
+TOKEN_CACHE_VERSION = 1
+
+
+def codec_fingerprint(codec) -> str:
+    """A hash of a codec's configuration and weights: a token cache is valid for exactly one codec."""
+    import hashlib
+
+    h = hashlib.sha256()
+    config = getattr(codec, "config", None)
+    if config is not None:
+        h.update(json.dumps(config.to_dict() if hasattr(config, "to_dict") else str(config), sort_keys=True,
+                            default=str).encode())
+    for name, tensor in sorted(codec.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _manifest_fingerprint(root: Path) -> str:
+    import hashlib
+
+    manifest = root / "data.jsonl" if root.is_dir() else root
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+
+
+def build_token_cache(root, codec, out=None, clips_per_shard: int = 512, chunk_seconds: float | None = 30.0,
+                      progress: bool = True) -> Path:
+    """Encode every clip of a dataset folder once with ``codec``; store the codes memory-mappable.
+
+    LM training then reads integer tokens and never runs the codec. The cache folder holds
+    ``shard_NNNNN.npy`` (codes of many clips concatenated along time, ``[K, frames]`` int16)
+    and ``index.json`` (per clip: shard, offset, frames, metadata path; plus the codec's and the
+    manifest's fingerprints). A cache whose fingerprints match is reused as is; otherwise it is
+    rebuilt (in a temporary folder renamed into place, so an interrupted build leaves nothing).
+    """
+    import shutil
+
+    from tqdm.auto import tqdm
+
+    root = Path(root)
+    metas = read_manifest(root)
+    fingerprint = {"version": TOKEN_CACHE_VERSION, "codec": codec_fingerprint(codec),
+                   "manifest": _manifest_fingerprint(root), "num_codebooks": int(codec.num_codebooks),
+                   "cardinality": int(codec.cardinality), "frame_rate": float(codec.frame_rate),
+                   "sample_rate": int(codec.sample_rate)}
+    out = Path(out) if out else (root / "tokens" if root.is_dir() else root.parent / "tokens")
+    index_path = out / "index.json"
+    if index_path.exists() and json.loads(index_path.read_text()).get("fingerprint") == fingerprint:
+        return out
+    if codec.cardinality > 32_767:
+        raise ValueError(f"codec cardinality {codec.cardinality} does not fit the cache's int16 tokens")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    clips, shard, buffer, offset = [], 0, [], 0
+
+    def flush():
+        nonlocal shard, buffer, offset
+        if buffer:
+            np.save(tmp / f"shard_{shard:05d}.npy", np.concatenate(buffer, axis=1))
+            shard, buffer, offset = shard + 1, [], 0
+
+    try:
+        for meta in tqdm(metas, desc="tokenizing", disable=not progress, unit="clip"):
+            wav, _ = load_audio(meta.path, codec.sample_rate)
+            with torch.inference_mode():
+                codes = codec.encode(wav[None], chunk_seconds=chunk_seconds)[0]  # (K, T)
+            arr = codes.cpu().numpy().astype(np.int16)
+            side = meta.info_path or meta.path.with_suffix(".json")
+            clips.append({"shard": shard, "offset": offset, "frames": int(arr.shape[1]),
+                          "path": os.path.relpath(meta.path, out), "info": os.path.relpath(side, out)
+                          if side.exists() else None})
+            buffer.append(arr)
+            offset += arr.shape[1]
+            if len(buffer) >= clips_per_shard:
+                flush()
+        flush()
+        _write_text_atomic(tmp / "index.json", json.dumps({"fingerprint": fingerprint, "clips": clips}))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Segments of cached codes: item ``i`` -> ``(codes [K, S] int64, info dict)``.
+
+    ``segment_frames=None`` yields whole clips. Otherwise each clip is cut into consecutive
+    segments (the last one zero-padded, ``info["n_frames"]`` counting the real ones) or, with
+    ``random_segments``, one seeded random window per clip (``set_epoch`` draws anew). Shards
+    are memory-mapped: nothing is read until asked for.
+    """
+
+    def __init__(self, cache, segment_frames: int | None = None, random_segments: bool = False, seed: int = 0):
+        self.root = Path(cache)
+        index_path = self.root / "index.json"
+        if not index_path.exists():
+            raise FileNotFoundError(f"{self.root}: no token cache here (build one with build_token_cache)")
+        index = json.loads(index_path.read_text())
+        self.fingerprint, self.clips = index["fingerprint"], index["clips"]
+        self.segment_frames, self.random_segments, self.seed, self.epoch = segment_frames, random_segments, seed, 0
+        self._shards: dict[int, np.ndarray] = {}
+        self.items: list[tuple[int, int]] = []  # (clip, start frame)
+        for ci, clip in enumerate(self.clips):
+            if segment_frames is None or random_segments:
+                self.items.append((ci, 0))
+            else:
+                self.items += [(ci, s) for s in range(0, max(clip["frames"], 1), segment_frames)]
+
+    def _shard(self, k: int) -> np.ndarray:
+        if k not in self._shards:
+            self._shards[k] = np.load(self.root / f"shard_{k:05d}.npy", mmap_mode="r")
+        return self._shards[k]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        ci, start = self.items[i]
+        clip = self.clips[ci]
+        n = clip["frames"] if self.segment_frames is None else self.segment_frames
+        if self.random_segments and self.segment_frames is not None:
+            rng = random.Random(hash((self.seed, self.epoch, i)) & 0xFFFFFFFF)
+            start = rng.randint(0, max(0, clip["frames"] - n))
+        real = max(0, min(n, clip["frames"] - start))
+        data = self._shard(clip["shard"])[:, clip["offset"] + start: clip["offset"] + start + real]
+        codes = torch.zeros(data.shape[0], n, dtype=torch.long)
+        codes[:, :real] = torch.from_numpy(np.asarray(data, dtype=np.int64))
+        info = {}
+        if clip.get("info"):
+            side = self.root / clip["info"]
+            if side.exists():
+                info = json.loads(side.read_text())
+        info.update(start_frame=int(start), n_frames=int(real))
+        return codes, info
