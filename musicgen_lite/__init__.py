@@ -9,7 +9,7 @@ from .quantization import (Codebook, QuantizedResult, ResidualVectorQuantizer, V
                            codebook_stats, num_quantizers_for_bandwidth)
 from .codec import CodecConfig, CompressionModel, MultiScaleMelLoss, codec_config, si_snr
 from .hub import from_transformers, load_checkpoint, load_codec, save_checkpoint
-from .training import evaluate_codec, export_codec, train_codec
+from .training import evaluate_codec, export_codec, train_codec, train_lm
 from . import sampling
 from .conditioning import (ChromaExtractor, ConditionDropout, LearnedTextConditioner, SentenceConditioner, T5Conditioner,
                            get_conditioner)
@@ -26,7 +26,7 @@ __all__ = [
     "num_quantizers_for_bandwidth",
     "CodecConfig", "CompressionModel", "MultiScaleMelLoss", "codec_config", "si_snr",
     "from_transformers", "load_checkpoint", "load_codec", "save_checkpoint",
-    "evaluate_codec", "export_codec", "train_codec",
+    "evaluate_codec", "export_codec", "train_codec", "train_lm",
     "sampling", "ChromaExtractor", "ConditionDropout", "LearnedTextConditioner", "SentenceConditioner", "T5Conditioner",
     "get_conditioner", "MusicGen", "TransformersCodec", "from_transformers_musicgen",
     "KVCache", "LMConfig", "MusicLM", "from_transformers_decoder", "lm_config",

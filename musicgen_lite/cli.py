@@ -111,6 +111,21 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_lm(args: argparse.Namespace) -> int:
+    import torch
+
+    from .training import train_lm
+
+    torch.set_num_threads(args.threads)
+    extra = {"batch_size": args.batch_size} if args.batch_size else {}
+    result = train_lm(args.out, args.tokens, scale=args.scale, lm=args.lm or args.scale if args.scale != "full" else "small",
+                      conditioner=None if args.conditioner == "none" else args.conditioner, steps=args.steps,
+                      resume=not args.fresh, seed=args.seed,
+                      max_seconds=args.max_minutes * 60 if args.max_minutes else None, **extra)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("model", "ema", "losses")}, indent=1, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musicgen-lite", description="Rebuild MusicGen step by step: data, models, benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--seed", type=int, default=0)
     tc.add_argument("--threads", type=int, default=2)
     tc.set_defaults(func=_cmd_train_codec)
+    tl = tsub.add_parser("lm", help="train the language model on a token cache (DDP under torchrun)")
+    tl.add_argument("tokens", help="token cache folder (musicgen-lite tokenize)")
+    tl.add_argument("out", help="run folder: checkpoint/, log.jsonl")
+    tl.add_argument("--scale", choices=["tiny", "lite", "full"], default="lite", help="recipe preset")
+    tl.add_argument("--lm", default=None, help="LM preset: tiny | lite | small | medium | large (default: the scale)")
+    tl.add_argument("--conditioner", choices=["learned", "minilm", "t5", "none"], default="learned")
+    tl.add_argument("--steps", type=int, default=1000)
+    tl.add_argument("--batch-size", type=int, default=None, help="global batch (split over torchrun processes)")
+    tl.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
+    tl.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    tl.add_argument("--seed", type=int, default=0)
+    tl.add_argument("--threads", type=int, default=2)
+    tl.set_defaults(func=_cmd_train_lm)
     for what, text in (("tagger", "the attribute tagger behind FAD and KL"), ("clap", "the CLAP-style text-audio model")):
         tr = tsub.add_parser(what, help=f"train {text} on our data (renders it first, cached)")
         tr.add_argument("--out", default=None, help="checkpoint path without suffix (default data/checkpoints/NAME)")

@@ -11,10 +11,12 @@ Resume loads all of it, so an interrupted run continues with the same batches, t
 random draws (quantizer dropout, dead codes) and the same losses as one that never stopped:
 batches are drawn from a generator seeded by ``(seed, step)``, never from hidden state.
 
-:func:`train_codec` is the entry point that ``musicgen-lite train codec`` calls.
+:func:`train_codec` is the entry point that ``musicgen-lite train codec`` calls, :func:`train_lm`
+the one for the language model (on a token cache; DDP under ``torchrun``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -346,3 +348,200 @@ def export_codec(run_dir, out_dir, dtype: torch.dtype | None = torch.float16, ex
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     info = {"step": meta.get("step"), "options": meta.get("options"), **(extra or {})}
     return save_checkpoint(out_dir, state, config, info, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------ LM trainer
+
+def lm_train_options(scale: str) -> dict:
+    """The LM recipe per scale (AdamW 0.9/0.95, weight decay 0.1, warmup + cosine, as MusicGen)."""
+    base = dict(batch_size=16, segment_seconds=10.0, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup=200,
+                schedule="cosine", grad_clip=1.0, grad_accum=1, ema_decay=None, cond_dropout=0.3, amp="bf16",
+                log_every=25, checkpoint_every=250)
+    if scale == "tiny":
+        base.update(batch_size=4, segment_seconds=1.0, lr=3e-3, warmup=5, log_every=5, checkpoint_every=50)
+    elif scale == "full":  # musicgen-small: global batch 192 x 30 s, lr 1e-4 (run with torchrun on GPUs)
+        base.update(batch_size=192, segment_seconds=30.0, lr=1e-4, warmup=4000, checkpoint_every=2000)
+    return base
+
+
+class LMTask(torch.nn.Module):
+    """The LM and its text conditioner as one module: ``forward(codes, texts, drop) -> (loss, per_codebook)``.
+
+    One module so that DDP sees every trainable weight in one forward. A dropped condition
+    (classifier-free guidance training) keeps the conditioner in the graph with a zero mask,
+    so every parameter gets a gradient (zero) on every rank.
+    """
+
+    def __init__(self, lm, conditioner=None, pattern="delay"):
+        super().__init__()
+        from .patterns import get_pattern
+
+        self.lm, self.conditioner = lm, conditioner
+        self.pattern = get_pattern(pattern, lm.config.num_codebooks) if isinstance(pattern, str) else pattern
+
+    def forward(self, codes: torch.Tensor, texts=None, drop: bool = False):
+        cond = mask = None
+        if self.conditioner is not None:
+            cond, mask = self.conditioner(list(texts))
+            if drop:
+                cond, mask = cond * 0, torch.zeros_like(mask)
+        return self.lm.compute_loss(codes, self.pattern, cond, mask)
+
+
+def _dist() -> tuple[int, int]:
+    """``(rank, world_size)``; initialises the process group when launched by torchrun."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str | None = "learned", steps: int = 1000,
+             resume: bool = True, seed: int = 0, device: str | None = None, progress: bool = True,
+             max_seconds: float | None = None, pattern: str = "delay", **options) -> dict:
+    """Train a text-conditioned :class:`~musicgen_lite.lm.MusicLM` on a token cache; resumable.
+
+    Args:
+        out_dir: run folder: ``checkpoint/`` (latest state), ``log.jsonl``.
+        tokens: a token cache folder (:func:`musicgen_lite.data.dataset.build_token_cache`).
+        scale: recipe preset (``tiny`` | ``lite`` | ``full``, see :func:`lm_train_options`).
+        lm: an LM preset name (``tiny`` | ``lite`` | ``small`` ...) or an ``LMConfig``; the
+            number of codebooks and bins come from the token cache.
+        conditioner: ``"learned"`` | ``"minilm"`` | ``"t5"`` | None (unconditional).
+        **options: override the recipe (``batch_size`` is the *global* batch, split over
+            processes under torchrun; ``grad_accum`` micro-batches per process and step).
+
+    Under ``torchrun --nproc-per-node N`` the same call trains with DDP: every step draws one
+    global batch from ``(seed, step)`` and each rank takes its slice, so the trajectory
+    matches one process with the same global batch.
+    """
+    from dataclasses import replace
+
+    from .conditioning import get_conditioner
+    from .data.dataset import TokenDataset
+    from .lm import LMConfig, MusicLM, lm_config
+
+    rank, world = _dist()
+    opts = dict(lm_train_options(scale), **options)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    data = TokenDataset(tokens, random_segments=True, seed=seed,
+                        segment_frames=max(1, round(opts["segment_seconds"] * TokenDataset(tokens).fingerprint["frame_rate"])))
+    fp = data.fingerprint
+    cfg = lm_config(lm) if isinstance(lm, str) else lm
+    cfg = replace(cfg, num_codebooks=fp["num_codebooks"], bins=fp["cardinality"], cross_attention=conditioner is not None)
+    torch.manual_seed(seed)
+    task = LMTask(MusicLM(cfg), get_conditioner(conditioner, cfg.dim) if conditioner else None, pattern).to(device)
+    ema = None
+    if opts["ema_decay"]:
+        import copy
+
+        ema = copy.deepcopy(task).eval().requires_grad_(False)
+    holder = torch.nn.ModuleDict({"task": task, **({"ema": ema} if ema is not None else {})})
+    params = [p for p in task.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": opts["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=opts["lr"], betas=tuple(opts["betas"]))
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "checkpoint"
+    start, history = 0, []
+    if resume and (ckpt / "config.json").is_file():
+        extra = load_training_state(ckpt, holder, optimizer, device=device)
+        start, history = int(extra["step"]), list(extra.get("losses", []))
+    model = task
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+    global_batch = opts["batch_size"]
+    if global_batch % world:
+        raise ValueError(f"batch_size={global_batch} must be divisible by the {world} processes")
+    local = global_batch // world
+    accum = opts["grad_accum"]
+    if local % accum:
+        raise ValueError(f"the per-process batch {local} must be divisible by grad_accum={accum}")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts["amp"])
+    use_amp = device.type == "cuda" and amp is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp == torch.float16)
+    log_path = out_dir / "log.jsonl"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    t0, rows, losses = time.perf_counter(), [], []
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress or rank != 0, desc="lm")
+    step = start
+    for step in bar:
+        lr = lr_at(step, opts["lr"], opts["warmup"], steps, opts["schedule"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # The whole global batch and the guidance dropout come from (seed, step): resumable, rank-agnostic.
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(len(data), (global_batch,), generator=gen)[rank * local:(rank + 1) * local]
+        drop = bool(torch.rand((), generator=gen) < opts["cond_dropout"]) and conditioner is not None
+        data.set_epoch(step)
+        torch.manual_seed(seed + step)  # dropout inside the model, if any
+        items = [data[int(i)] for i in idx]
+        codes = torch.stack([c for c, _ in items]).to(device)  # (b, K, T)
+        texts = [info.get("description", "") for _, info in items]
+        optimizer.zero_grad(set_to_none=True)
+        total, per_cb = 0.0, torch.zeros(cfg.num_codebooks)
+        micro = local // accum
+        for m in range(accum):
+            sl = slice(m * micro, (m + 1) * micro)
+            sync = m == accum - 1 or world == 1
+            ctx = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            with ctx, torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=use_amp):
+                loss, per_codebook = model(codes[sl], texts[sl], drop)
+                scaler.scale(loss / accum).backward()
+            total += float(loss.detach()) / accum
+            per_cb += per_codebook.detach().float().cpu() / accum
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts["grad_clip"] or float("inf")))
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), task.parameters()):
+                    pe.lerp_(p.detach(), 1 - opts["ema_decay"])
+        if world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([total], device=device)
+            dist.all_reduce(t)
+            total = float(t) / world
+        losses.append(total)
+        history.append(round(total, 6))
+        done = step + 1
+        if rank == 0 and (done % opts["log_every"] == 0 or done == steps):
+            elapsed = time.perf_counter() - t0
+            row = {"step": done, "lr": lr, "loss": total, "per_codebook": [round(float(v), 4) for v in per_cb],
+                   "grad_norm": grad_norm, "cond_dropped": drop,
+                   "tokens_per_s": round(len(losses) * global_batch * codes.shape[1] * codes.shape[2] / max(elapsed, 1e-9)),
+                   "seconds": round(elapsed, 1)}
+            rows.append(row)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{total:.3f}")
+        out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+        if done % opts["checkpoint_every"] == 0 or done == steps or out_of_time:
+            if rank == 0:
+                save_training_state(ckpt, holder, optimizer, done, cfg.to_dict(),
+                                    {"losses": history, "options": opts, "conditioner": conditioner, "pattern": pattern,
+                                     "tokens": str(tokens), "token_fingerprint": fp})
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
+        if out_of_time:
+            break
+    bar.close()
+    return {"step": step + 1 if losses else start, "losses": losses, "log": rows, "checkpoint": ckpt,
+            "model": task.eval(), "ema": ema}
+
