@@ -337,8 +337,8 @@ def fad(wavs_a, wavs_b, sample_rate: int, embedder=None) -> dict:
     with its 0.96 s frames. Returns ``{"fad": value, "embedder": name}``.
     """
     embedder = embedder or load_tagger()
-    ea = torch.cat([e for e in embedder.embed(torch.as_tensor(wavs_a), sample_rate)]).reshape(-1, embedder.cfg.embed_dim)
-    eb = torch.cat([e for e in embedder.embed(torch.as_tensor(wavs_b), sample_rate)]).reshape(-1, embedder.cfg.embed_dim)
+    ea = embedder.embed(torch.as_tensor(wavs_a), sample_rate).reshape(-1, embedder.cfg.embed_dim)  # (B * T', D)
+    eb = embedder.embed(torch.as_tensor(wavs_b), sample_rate).reshape(-1, embedder.cfg.embed_dim)
     return {"fad": frechet_distance(ea, eb), "embedder": embedder.name}
 
 
@@ -418,6 +418,17 @@ def _training_setup(frontend: LogMelCNN, train_roots, heldout_roots, crop_second
     return cfg, gen, x, infos, xh, infos_h, _log_mels(frontend, x), crop
 
 
+def _optimizer_step(opt, sched, loss: torch.Tensor, bar, step: int) -> int:
+    """One update of a reference model; returns the new step count."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    bar.update()
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+    return step + 1
+
+
 def train_tagger(train_roots, heldout_roots, out=None, epochs: int = 12, batch_size: int = 32, lr: float = 2e-3,
                  crop_seconds: float = 4.0, seed: int = 0, progress: bool = True) -> dict:
     """Train the attribute tagger on captioned folders; write weights + model card to ``out``."""
@@ -435,7 +446,7 @@ def train_tagger(train_roots, heldout_roots, out=None, epochs: int = 12, batch_s
     steps = epochs * math.ceil(len(x) / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    t0, step, history = time.time(), 0, []
+    t0, step = time.time(), 0
     bar = tqdm(total=steps, desc="tagger", disable=not progress)
     for epoch in range(epochs):
         model.train()
@@ -443,15 +454,8 @@ def train_tagger(train_roots, heldout_roots, out=None, epochs: int = 12, batch_s
         for b in range(0, len(x), batch_size):
             idx = order[b:b + batch_size]
             logits = model.forward_features(_crop(mels[idx], crop, gen), chromas[idx])
-            loss, parts = tagger_loss(logits, _stack_targets([y[i] for i in idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        history.append(loss.item())
+            loss, _ = tagger_loss(logits, _stack_targets([y[i] for i in idx]))
+            step = _optimizer_step(opt, sched, loss, bar, step)
     bar.close()
     model.eval()
     probs = _predict_batched(model, xh)
@@ -503,13 +507,7 @@ def train_clap(train_roots, heldout_roots, out=None, epochs: int = 15, batch_siz
             idx = order[b:b + batch_size]
             a = model.audio_embedding_mel(_crop(mels[idx], crop, gen))
             loss = model.contrastive_loss(a, model.text_embedding_from_sentence(sent[idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            step = _optimizer_step(opt, sched, loss, bar, step)
     bar.close()
     model.eval()
     with torch.inference_mode():

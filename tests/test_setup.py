@@ -25,8 +25,6 @@ def _pyproject_packages() -> set[str]:
     return {_name(r) for r in reqs}
 
 
-
-
 def test_environment_yml_lists_the_same_packages_as_pyproject():
     text = (ROOT / "environment.yml").read_text()
     deps = text.split("dependencies:", 1)[1]

@@ -160,8 +160,8 @@ def compose_corpus(seed: int, seconds: float = 10.0, collection: str | None = No
     voices = [_loop_voice(v, total_ql + BEATS_PER_BAR) for v in tune["voices"]]
     lead = INSTRUMENTS[attrs["roles"]["melody"]]
     shift = _fit_octave(voices[0], lead.low, lead.high)
+    # each note ends 2% of its length early, so repeated pitches are heard as separate notes
     melody = [Note(o * beat, (o + d) * beat * 0.98 + 0.02 * o * beat, p + shift, 100) for o, d, p in voices[0]]
-    melody = [Note(n.start, min(n.end, (o + d) * beat), n.pitch, n.velocity) for n, (o, d, _) in zip(melody, voices[0])]
     attrs["chord_degrees"] = harmonize(voices[0], tune["tonic"], tune["mode"], n_bars + 1)
     attrs["source"] = "corpus"
     attrs["title"] = tune["title"]
@@ -173,17 +173,12 @@ def compose_corpus(seed: int, seconds: float = 10.0, collection: str | None = No
     if coll == "chorale" and len(voices) >= 4:
         # The chorale's own alto, tenor (and bass) replace the generated accompaniment.
         roles = attrs["roles"]
-        harm_inst = INSTRUMENTS[roles.get("harmony") or roles["melody"]]
+        inner = voices[1:3] if "bass" in roles else voices[1:4]  # no bass part: the bass voice joins the harmony
         for track in comp.tracks:
             if track.role == "harmony":
-                track.notes = [Note(o * beat, (o + d) * beat, p, 70) for v in voices[1:3] for o, d, p in v]
+                track.notes = [Note(o * beat, (o + d) * beat, p, 70) for v in inner for o, d, p in v]
             if track.role == "bass":
                 track.notes = [Note(o * beat, (o + d) * beat, p - 12 if p > 52 else p, 90) for o, d, p in voices[3]]
-        if "bass" not in roles and "harmony" in roles:
-            for track in comp.tracks:
-                if track.role == "harmony":
-                    track.notes += [Note(o * beat, (o + d) * beat, p, 70) for o, d, p in voices[3]]
-        del harm_inst
         for t in comp.tracks:
             t.notes = [Note(n.start, min(n.end, seconds), n.pitch, n.velocity) for n in t.notes if n.start < seconds - 0.02]
     comp.meta.update({"corpus_path": tune["path"], "collection": coll, "melody": comp.melody_notes()})
