@@ -63,6 +63,62 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .audio import load_audio, save_audio
+    from .hub import load_musicgen
+
+    torch.set_num_threads(args.threads)
+    if not args.caption.strip() and args.melody is None:
+        raise ValueError("caption is empty: describe the music (e.g. \"a calm piano piece at 70 bpm\")")
+    out = Path(args.output)
+    if out.suffix.lower() not in (".wav", ".flac"):
+        raise ValueError(f"-o {out}: write a .wav or .flac file")
+    model = load_musicgen(args.model)
+    t0 = time.perf_counter()
+    sampling = dict(duration=args.duration, cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                    temperature=args.temperature, seed=args.seed, progress=not args.quiet)
+    if args.melody is not None:
+        if not hasattr(model, "generate_with_chroma"):
+            raise ValueError("this model has no melody conditioning")
+        melody, sr = load_audio(args.melody)
+        wav = model.generate_with_chroma([args.caption], melody[None], sr, **sampling)
+    else:
+        wav = model.generate([args.caption], **sampling)
+    seconds = time.perf_counter() - t0
+    save_audio(out, wav[0], model.sample_rate)
+    png = out.with_suffix(".png")
+    _spectrogram_png(wav[0], model.sample_rate, png, args.caption)
+    print(f"{out} ({args.duration:g} s of audio in {seconds:.1f} s) and {png}")
+    return 0
+
+
+def _spectrogram_png(wav, sample_rate: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import nb
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    nb.plot_mel(wav, sample_rate, ax=ax, title=title[:80])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _cmd_export_lm(args: argparse.Namespace) -> int:
+    from .training import export_musicgen
+
+    out = export_musicgen(args.run, args.codec, args.out, use_ema=not args.no_ema)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_train_reference(args: argparse.Namespace) -> int:
     import torch
 
@@ -91,7 +147,9 @@ def _cmd_train_codec(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     result = train_codec(args.out, scale=args.scale, steps=args.steps, data=args.data, resume=not args.fresh,
                          seed=args.seed, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
-    print(json.dumps(result, indent=1, default=str))
+    last = result["log"][-1] if result["log"] else {}
+    print(json.dumps({"step": result["step"], "checkpoint": str(result["checkpoint"]),
+                      "wall_seconds": round(result["wall_seconds"], 1), "last_log": last}, indent=1))
     return 0
 
 
@@ -162,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("out", help="run folder: checkpoint/, log.jsonl, samples/")
     tc.add_argument("--scale", choices=["tiny", "lite", "full"], default="lite")
     tc.add_argument("--steps", type=int, default=1000, help="total optimizer steps (a resumed run continues to this)")
-    tc.add_argument("--data", default=None, help="dataset folder with data.jsonl (default: synthetic clips, cached)")
+    tc.add_argument("--data", nargs="+", default=None,
+                    help="dataset folders with data.jsonl (default: synthetic clips and corpus tunes, cached)")
     tc.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
     tc.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     tc.add_argument("--seed", type=int, default=0)
@@ -196,6 +255,30 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--out", default=None, help="cache folder (default DATA/tokens)")
     tok.add_argument("--threads", type=int, default=2)
     tok.set_defaults(func=_cmd_tokenize)
+
+    g = sub.add_parser("generate", help="text (and melody) to music with a trained model: a wav and a spectrogram PNG")
+    g.add_argument("caption", help='what to play, e.g. "a sad piano piece at 70 bpm"')
+    g.add_argument("-o", "--output", default="out/generated.wav", help="wav/flac path (a .png is written beside it)")
+    g.add_argument("--model", default=None, help="model folder (default: the shipped data/checkpoints/musicgen_lite)")
+    g.add_argument("--melody", default=None, help="an audio file (wav/flac/mp3) whose melody to follow")
+    g.add_argument("--duration", type=float, default=8.0, help="seconds of audio (default 8)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient (default 3)")
+    g.add_argument("--top-k", type=int, default=250)
+    g.add_argument("--top-p", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--threads", type=int, default=2)
+    g.set_defaults(func=_cmd_generate)
+
+    ex = sub.add_parser("export", help="package a trained LM run with its codec as a model folder")
+    exsub = ex.add_subparsers(dest="export_command", required=True)
+    el = exsub.add_parser("lm", help="LM run + codec -> a model folder that `generate` loads")
+    el.add_argument("run", help="LM run folder (with checkpoint/)")
+    el.add_argument("--codec", required=True, help="codec checkpoint folder the tokens came from")
+    el.add_argument("--out", required=True, help="model folder to write")
+    el.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    el.set_defaults(func=_cmd_export_lm)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks against peers")
     b.add_argument("name", help="benchmark name, or 'all'")

@@ -59,6 +59,19 @@ class MusicGen(nn.Module):
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
 
+    @classmethod
+    def load(cls, path=None, device: str | torch.device = "cpu") -> "MusicGen":
+        """A saved model folder (default: the shipped one), see :func:`musicgen_lite.hub.load_musicgen`."""
+        from .hub import load_musicgen
+
+        return load_musicgen(path, device)
+
+    def save(self, path, conditioner: dict | None = None, extra: dict | None = None, dtype=None):
+        """Write this model to a folder, see :func:`musicgen_lite.hub.save_musicgen`."""
+        from .hub import save_musicgen
+
+        return save_musicgen(self, path, conditioner, extra, dtype)
+
     # ----------------------------------------------------------------------- conditions
     def condition(self, descriptions) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``descriptions`` (list of str / None) -> ``(cond[B, L, D], mask[B, L])``, or (None, None)."""

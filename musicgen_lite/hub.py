@@ -200,3 +200,83 @@ def encodec_from_transformers(hf_model):
     for layer in ours.quantizer.layers:
         layer.codebook.inited.fill_(1.0)
     return ours.to(next(hf_model.parameters()).device).eval()
+
+
+# --------------------------------------------------------------------------- whole models
+
+MUSICGEN_FORMAT = "musicgen-lite/musicgen"
+# the frozen pretrained encoders inside a conditioner: rebuilt from their own package, not saved
+_FROZEN_PREFIXES = {"t5": "t5.", "minilm": "encoder."}
+
+
+def default_model_path() -> Path:
+    """Where the shipped default text-to-music model lives (``data/checkpoints/musicgen_lite``)."""
+    return Path(__file__).resolve().parent.parent / "data" / "checkpoints" / "musicgen_lite"
+
+
+def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | None = None,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Write a :class:`~musicgen_lite.generation.MusicGen` (our codec + LM + text conditioner) to a folder.
+
+    Layout: ``codec/`` (a codec checkpoint), ``model.safetensors`` (``lm.*`` and the
+    conditioner's trainable ``conditioner.*`` weights; a frozen T5 or MiniLM is not copied,
+    it is reloaded from its own package) and ``config.json`` (the LM config, the pattern, the
+    conditioner's ``{"name", "kwargs"}`` as for :func:`~musicgen_lite.conditioning.get_conditioner`,
+    and ``extra``). ``dtype`` casts floating tensors (e.g. fp16 for shipping).
+    """
+    from .codec import CompressionModel
+
+    path = Path(path)
+    if not isinstance(model.codec, CompressionModel):
+        raise TypeError("save_musicgen stores musicgen-lite codecs only (a transformers EnCodec has its own format)")
+    if model.conditioner is not None and conditioner is None:
+        raise ValueError("pass conditioner={'name': 'learned' | 'minilm' | 't5', 'kwargs': {...}} "
+                         "so the model can be rebuilt")
+    save_checkpoint(path / "codec", model.codec, model.codec.config.to_dict(), dtype=dtype)
+    state = {f"lm.{k}": v for k, v in model.lm.state_dict().items()}
+    if model.conditioner is not None:
+        frozen = _FROZEN_PREFIXES.get(conditioner["name"])
+        state.update({f"conditioner.{k}": v for k, v in model.conditioner.state_dict().items()
+                      if not (frozen and k.startswith(frozen))})
+    config = {"format": MUSICGEN_FORMAT, "lm": model.lm.config.to_dict(), "pattern": model.pattern.name,
+              "conditioner": conditioner, "max_duration": model.max_duration, "extend_stride": model.extend_stride}
+    return save_checkpoint(path, state, config, extra, dtype=dtype)
+
+
+def load_musicgen(path=None, device: str | torch.device = "cpu"):
+    """A :class:`~musicgen_lite.generation.MusicGen` from a folder written by :func:`save_musicgen`.
+
+    ``path=None`` loads the shipped default (:func:`default_model_path`). Weights stored in
+    fp16 come back as fp32. The model is returned in eval mode.
+    """
+    from .conditioning import get_conditioner
+    from .generation import MusicGen
+    from .lm import LMConfig, MusicLM
+
+    path = Path(path) if path is not None else default_model_path()
+    if not (path / CONFIG_NAME).is_file():
+        hint = (" (no default model is shipped in this checkout yet: train one, see the README's "
+                "'Training' section, or pass a model folder)") if path == default_model_path() else ""
+        raise FileNotFoundError(f"{path}: not a musicgen-lite model folder (no {CONFIG_NAME}){hint}")
+    state, config, _ = load_checkpoint(path, device)
+    if config.get("format") != MUSICGEN_FORMAT:
+        raise ValueError(f"{path}: config.json is not a {MUSICGEN_FORMAT} model (format={config.get('format')!r})")
+    codec = load_codec(path / "codec", device)
+    lm = MusicLM(LMConfig(**{k: v for k, v in config["lm"].items() if k in LMConfig.__dataclass_fields__}))
+    lm.load_state_dict({k[3:]: v.float() if v.is_floating_point() else v for k, v in state.items()
+                        if k.startswith("lm.")})
+    conditioner = None
+    spec = config.get("conditioner")
+    if spec:
+        conditioner = get_conditioner(spec["name"], lm.config.dim, **spec.get("kwargs", {}))
+        cond_state = {k[len("conditioner."):]: v.float() if v.is_floating_point() else v
+                      for k, v in state.items() if k.startswith("conditioner.")}
+        missing, unexpected = conditioner.load_state_dict(cond_state, strict=False)
+        frozen = _FROZEN_PREFIXES.get(spec["name"])
+        missing = [k for k in missing if not (frozen and k.startswith(frozen))]
+        if missing or unexpected:
+            raise ValueError(f"{path}: conditioner weights do not match (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    model = MusicGen(codec, lm, conditioner, config.get("pattern", "delay"), config.get("max_duration", 30.0),
+                     config.get("extend_stride", 18.0))
+    return model.to(device).eval()

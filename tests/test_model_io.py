@@ -1,0 +1,114 @@
+"""Whole models in and out: save/load a MusicGen folder, export a trained LM run, `musicgen-lite generate`."""
+import json
+
+import pytest
+import torch
+
+from musicgen_lite.cli import main
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    """A tiny codec saved as a folder, its token cache, and a 4-step text-conditioned LM run."""
+    from musicgen_lite.codec import CompressionModel, codec_config
+    from musicgen_lite.data import make_dataset
+    from musicgen_lite.data.dataset import build_token_cache
+    from musicgen_lite.hub import load_codec, save_checkpoint
+    from musicgen_lite.training import train_lm
+
+    tmp = tmp_path_factory.mktemp("modelio")
+    root = make_dataset(tmp / "data", n=4, seconds=2.0, seed=21, sample_rate=16_000, workers=1,
+                        melody_stems=False, progress=False)
+    torch.manual_seed(0)
+    codec = CompressionModel(codec_config("tiny")).eval()
+    save_checkpoint(tmp / "codec", codec, codec.config.to_dict())
+    cache = build_token_cache(root, load_codec(tmp / "codec"), progress=False)
+    run = train_lm(tmp / "run", cache, scale="tiny", lm="tiny", conditioner="learned", steps=4, progress=False,
+                   ema_decay=0.5)
+    return tmp, run
+
+
+def test_export_then_load_gives_the_trained_weights(lm_run):
+    from musicgen_lite.generation import MusicGen
+    from musicgen_lite.training import export_musicgen
+
+    tmp, run = lm_run
+    out = export_musicgen(tmp / "run", tmp / "codec", tmp / "model", use_ema=True, dtype=None)
+    model = MusicGen.load(out)
+    ema = run["ema"]
+    for name, p in ema.lm.state_dict().items():
+        assert torch.equal(model.lm.state_dict()[name], p), name
+    for name, p in ema.conditioner.state_dict().items():
+        assert torch.equal(model.conditioner.state_dict()[name], p), name
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["extra"]["weights"] == "ema" and meta["extra"]["step"] == 4
+    # same weights, same seed -> the same music as the in-memory model
+    live = MusicGen(model.codec, ema.lm.eval(), ema.conditioner.eval(), "delay")
+    a = live.generate(["a calm piano piece"], duration=0.3, seed=3, progress=False)
+    b = model.generate(["a calm piano piece"], duration=0.3, seed=3, progress=False)
+    assert torch.equal(a, b)
+
+
+def test_fp16_save_round_trips_within_half_precision(lm_run, tmp_path):
+    from musicgen_lite.generation import MusicGen
+    from musicgen_lite.training import export_musicgen
+
+    tmp, _ = lm_run
+    full = MusicGen.load(export_musicgen(tmp / "run", tmp / "codec", tmp_path / "fp32", dtype=None))
+    half = MusicGen.load(export_musicgen(tmp / "run", tmp / "codec", tmp_path / "fp16"))
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "fp16") < 0.6 * size(tmp_path / "fp32")
+    for (name, p), q in zip(full.lm.state_dict().items(), half.lm.state_dict().values()):
+        assert q.dtype == torch.float32
+        torch.testing.assert_close(q, p, atol=2e-3, rtol=1e-3, msg=name)
+    # save again through the method, load, compare
+    half.save(tmp_path / "again", {"name": "learned", "kwargs": {}})
+    again = MusicGen.load(tmp_path / "again")
+    for (name, p), q in zip(half.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_export_refuses_another_codec(lm_run, tmp_path):
+    from musicgen_lite.codec import CompressionModel, codec_config
+    from musicgen_lite.hub import save_checkpoint
+    from musicgen_lite.training import export_musicgen
+
+    tmp, _ = lm_run
+    torch.manual_seed(1)
+    other = CompressionModel(codec_config("tiny"))
+    save_checkpoint(tmp_path / "other", other, other.config.to_dict())
+    with pytest.raises(ValueError, match="not the codec"):
+        export_musicgen(tmp / "run", tmp_path / "other", tmp_path / "model")
+
+
+def test_cli_generate_writes_wav_and_spectrogram(lm_run, tmp_path, capsys):
+    from musicgen_lite.audio import load_audio
+    from musicgen_lite.training import export_musicgen
+
+    tmp, _ = lm_run
+    model_dir = export_musicgen(tmp / "run", tmp / "codec", tmp_path / "model")
+    out = tmp_path / "song.wav"
+    rc = main(["generate", "an energetic rock song with drums at 150 bpm", "--model", str(model_dir),
+               "--duration", "0.5", "--seed", "1", "--quiet", "--threads", "1", "-o", str(out)])
+    assert rc == 0
+    wav, sr = load_audio(out)
+    assert sr == 16_000 and wav.shape[-1] == 8000
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "song.png" in capsys.readouterr().out
+
+
+def test_cli_generate_errors_are_clear(tmp_path, capsys):
+    rc = main(["generate", "a calm piano piece", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "x.wav")])
+    assert rc == 2 and "nope" in capsys.readouterr().err
+    rc = main(["generate", "  ", "--model", str(tmp_path), "-o", str(tmp_path / "x.wav")])
+    assert rc == 2 and "caption is empty" in capsys.readouterr().err
+    rc = main(["generate", "piano", "--model", str(tmp_path), "-o", str(tmp_path / "x.mp4")])
+    assert rc == 2 and "x.mp4" in capsys.readouterr().err
+
+
+def test_missing_default_model_says_how_to_get_one(monkeypatch, tmp_path):
+    from musicgen_lite import hub
+
+    monkeypatch.setattr(hub, "default_model_path", lambda: tmp_path / "musicgen_lite")
+    with pytest.raises(FileNotFoundError, match="README"):
+        hub.load_musicgen()
