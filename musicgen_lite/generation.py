@@ -66,6 +66,14 @@ class MusicGen(nn.Module):
 
         return load_musicgen(path, device)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu", **kw) -> "MusicGen":
+        """Meta's released weights (``facebook/musicgen-small`` ...) ported into our modules and
+        checked for parity, see :func:`musicgen_lite.hub.from_pretrained`."""
+        from .hub import from_pretrained
+
+        return from_pretrained(name_or_path, device, **kw)
+
     def save(self, path, conditioner: dict | None = None, extra: dict | None = None, dtype=None):
         """Write this model to a folder, see :func:`musicgen_lite.hub.save_musicgen`."""
         from .hub import save_musicgen

@@ -280,3 +280,93 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
     model = MusicGen(codec, lm, conditioner, config.get("pattern", "delay"), config.get("max_duration", 30.0),
                      config.get("extend_stride", 18.0))
     return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- the real MusicGen
+
+PRETRAINED = ("facebook/musicgen-small", "facebook/musicgen-medium", "facebook/musicgen-large",
+              "facebook/musicgen-melody", "facebook/musicgen-melody-large")
+PARITY_PROMPT = "80s pop track with bassy drums and synth"
+
+
+class HubUnreachableError(OSError):
+    """The model hub could not be reached (offline) and no local copy was found."""
+
+
+def from_pretrained(name_or_path: str, device: str | torch.device = "cpu", check: bool = True,
+                    parity_steps: int = 8, **hf_kwargs):
+    """Meta's MusicGen in our modules: load with transformers, port every weight, check parity.
+
+    ``name_or_path``: a hub name (``facebook/musicgen-small`` | ``-medium`` | ``-large`` |
+    ``facebook/musicgen-melody``) or a local folder written by transformers' ``save_pretrained``
+    (with its tokenizer files; the hub repositories ship them). The port is checked on
+    :data:`PARITY_PROMPT` (``check=True``): the first step's logits allclose and
+    ``parity_steps`` greedy tokens identical to transformers' ``generate``; the result is kept
+    in ``model.parity``. Offline, a :class:`HubUnreachableError` says how to use a local copy.
+    ``hf_kwargs`` go to transformers' ``from_pretrained`` (e.g. ``revision``).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    local = Path(str(name_or_path)).expanduser()
+    source = str(local) if local.is_dir() else str(name_or_path)
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{local}: no transformers config.json (save the model there with save_pretrained)")
+    try:
+        config = AutoConfig.from_pretrained(source, **hf_kwargs)
+    except OSError as e:
+        if local.is_dir():
+            raise FileNotFoundError(f"{local}: no transformers config.json (save it with save_pretrained)") from e
+        raise HubUnreachableError(
+            f"could not load {name_or_path!r} from the Hugging Face hub ({type(e).__name__}). Offline? "
+            f"On a machine with internet run: MusicgenForConditionalGeneration.from_pretrained({name_or_path!r})"
+            ".save_pretrained(DIR) and AutoTokenizer.from_pretrained(...).save_pretrained(DIR), copy DIR here "
+            "and pass its path instead.") from e
+    if config.model_type == "musicgen_melody":
+        from transformers import MusicgenMelodyForConditionalGeneration as cls
+    elif config.model_type == "musicgen":
+        from transformers import MusicgenForConditionalGeneration as cls
+    else:
+        raise ValueError(f"{name_or_path}: a {config.model_type!r} model, not MusicGen")
+    hf = cls.from_pretrained(source, **hf_kwargs).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **hf_kwargs)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{name_or_path}: no tokenizer files next to the model "
+                                "(save the tokenizer with save_pretrained into the same folder)") from e
+    model = from_transformers(hf)
+    model.conditioner.tokenizer = tokenizer
+    model.parity = parity_check(hf, model, tokenizer, steps=parity_steps) if check else None
+    return model.to(device)
+
+
+@torch.no_grad()
+def parity_check(hf, ours, tokenizer, prompt: str = PARITY_PROMPT, steps: int = 8, raise_on_mismatch: bool = True) -> dict:
+    """Compare a transformers MusicGen with its port on ``prompt``.
+
+    Returns ``{"max_logit_diff", "greedy_equal", "steps"}``: the largest absolute difference of
+    the first decoding step's logits (plain MusicGen; None for melody, whose conditioning the
+    comparison would have to rebuild) and whether ``steps`` greedy tokens per codebook are
+    identical to transformers' ``generate`` (captured at its codec's decode call).
+    """
+    inputs = tokenizer([prompt], padding=True, return_tensors="pt").to(hf.device)
+    K = ours.lm.config.num_codebooks
+    max_diff = None
+    if type(hf).__name__ == "MusicgenForConditionalGeneration":
+        start = torch.full((K, 1), hf.generation_config.decoder_start_token_id, device=hf.device)
+        ref = hf(**inputs, decoder_input_ids=start).logits  # (K, 1, bins)
+        cond, mask = ours.condition([prompt])
+        mine = ours.lm(torch.full((1, K, 1), ours.lm.config.special, device=ours.device), cond, mask)[0]
+        max_diff = float((mine.float() - ref.float().to(mine.device)).abs().max())
+    seen = []
+    decode = hf.audio_encoder.decode
+    hf.audio_encoder.decode = lambda codes, *a, **kw: seen.append(codes[0].clone()) or decode(codes, *a, **kw)
+    try:
+        hf.generate(**inputs, do_sample=False, guidance_scale=1.0, max_new_tokens=steps + K - 1)
+    finally:
+        hf.audio_encoder.decode = decode
+    codes = ours.generate_codes([prompt], duration=steps / ours.frame_rate, cfg_coef=1.0, top_k=1, progress=False)
+    equal = bool(seen) and codes.shape == seen[-1].shape and torch.equal(codes.cpu(), seen[-1].cpu())
+    result = {"max_logit_diff": max_diff, "greedy_equal": equal, "steps": steps}
+    if raise_on_mismatch and (not equal or (max_diff is not None and max_diff > 1e-3)):
+        raise RuntimeError(f"the port of {type(hf).__name__} does not match transformers: {result}")
+    return result
