@@ -356,6 +356,16 @@ def bench_lm(args=None) -> list[dict]:
                 hf_sps = (steps + 1) / statistics.median(t_hf[1:])
                 rows.append(row("lm", f"{size} {name} decode, CFG B1 (2 rows)", ours_sps, hf_sps,
                                 "transformers MusicgenForCausalLM", "steps/s"))
+                if dtype == torch.float32:  # int8 weights (dynamic quantisation), against transformers in fp32
+                    from .int8 import quantize_int8
+
+                    run_q, run_hf32, _ = _lm_decoders(quantize_int8(ours), hf, steps)
+                    t_q, t_hf = [], []
+                    for _ in range(4):
+                        t_q.append(median_seconds(run_q, repeats=1, warmup=0))
+                        t_hf.append(median_seconds(run_hf32, repeats=1, warmup=0))
+                    rows.append(row("lm", f"{size} int8 decode, CFG B1 (2 rows)", (steps + 1) / statistics.median(t_q[1:]),
+                                    (steps + 1) / statistics.median(t_hf[1:]), "transformers fp32", "steps/s"))
                 if size == "small":
                     roof = _matvec_bandwidth(dtype) / step_bytes
                     rows.append(row("lm", f"{size} {name} roofline, {step_bytes / 1e6:.0f} MB/step", ours_sps, roof,
