@@ -26,3 +26,14 @@ def synth_dataset(tmp_path_factory):
 
     return make_dataset(tmp_path_factory.mktemp("synth"), n=12, seconds=3.0, seed=7, sample_rate=16_000,
                         workers=2, progress=False)
+
+
+def pytest_configure(config):
+    """One torch thread per test process unless MUSICGEN_LITE_TEST_THREADS says otherwise: the
+    tests are small (threads cost more than they give) and a long training job may share the
+    machine's two cores (an oversubscribed OpenMP pool slowed it 8x)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("MUSICGEN_LITE_TEST_THREADS", "1")))

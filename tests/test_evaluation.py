@@ -1,0 +1,200 @@
+"""evaluate(): every metric on a tiny random MusicGen, and the sanity of its numbers on stand-in models.
+
+A "perfect" model that returns the real held-out clip for each caption must get FAD ~ 0, KL = 0
+and the real audio's attribute accuracy; a noise model must do worse on every count.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from musicgen_lite.evaluation import HELDOUT_SEED, evaluate, format_table, load_clips
+
+SECONDS = 3.0
+N = 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models step faster on one thread (two threads spin against each other on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def refs():
+    from musicgen_lite.metrics import load_clap, load_tagger
+
+    return load_tagger(), load_clap()
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    from musicgen_lite.data import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("heldout"), n=N, seconds=SECONDS, seed=HELDOUT_SEED,
+                        sample_rate=16_000, workers=1, progress=False)
+
+
+class PerfectModel:
+    """Returns the real held-out clip of each caption: what an ideal model would make."""
+
+    sample_rate = 16_000
+
+    def __init__(self, folder):
+        wav, infos = load_clips(folder, None, SECONDS)
+        self.bank = {i["description"]: w for w, i in zip(wav, infos)}
+
+    def generate(self, descriptions, duration=10.0, cfg_coef=3.0, top_k=250, top_p=0.0, temperature=1.0,
+                 seed=None):
+        return torch.stack([self.bank[d][..., : int(duration * self.sample_rate)] for d in descriptions])
+
+    def generate_with_chroma(self, descriptions, melody_wavs, melody_sample_rate, duration=10.0, seed=None):
+        assert melody_wavs.shape[:2] == (len(descriptions), 1) and melody_sample_rate == self.sample_rate
+        return self.generate(descriptions, duration, seed=seed)
+
+
+class NoiseModel(PerfectModel):
+    """Seeded white noise at 32 kHz (a rate other than the evaluation's, to exercise resampling)."""
+
+    sample_rate = 32_000
+
+    def __init__(self):
+        pass
+
+    def generate(self, descriptions, duration=10.0, cfg_coef=3.0, top_k=250, top_p=0.0, temperature=1.0,
+                 seed=None):
+        g = torch.Generator().manual_seed(1000 + seed)
+        return 0.1 * torch.randn(len(descriptions), 1, int(duration * self.sample_rate), generator=g)
+
+
+def _finite_numbers(d):
+    """Every number anywhere in a nested dict/list."""
+    if isinstance(d, dict):
+        for v in d.values():
+            yield from _finite_numbers(v)
+    elif isinstance(d, list):
+        for v in d:
+            yield from _finite_numbers(v)
+    elif isinstance(d, (int, float)) and not isinstance(d, bool):
+        yield d
+
+
+def tiny_musicgen():
+    from musicgen_lite.codec import CompressionModel, codec_config
+    from musicgen_lite.conditioning import LearnedTextConditioner
+    from musicgen_lite.generation import MusicGen
+    from musicgen_lite.lm import MusicLM, lm_config
+
+    torch.manual_seed(0)
+    codec = CompressionModel(codec_config("tiny")).eval()  # 16 kHz, 50 frames/s, 4 x 256
+    lm = MusicLM(lm_config("tiny", bins=codec.cardinality, dim=32, cross_attention=True)).eval()
+    return MusicGen(codec, lm, LearnedTextConditioner(output_dim=32, dim=32).eval())
+
+
+def test_tiny_random_musicgen_gets_every_metric(refs, heldout):
+    tagger, clap = refs
+    model = tiny_musicgen()
+    r = evaluate(model, captions=heldout, n=4, duration=2.0, seed=0, batch_size=2, tagger=tagger, clap=clap,
+                 progress=False, top_k=50)
+    for key in ("fad", "kl", "clap", "chroma_cosine", "attribute_accuracy", "reference"):
+        assert key in r
+    assert r["chroma_cosine"] is None  # no melodies given
+    assert set(r["reference"]) == {"real", "shuffled", "noise"}
+    numbers = list(_finite_numbers({k: v for k, v in r.items() if k != "setup"}))
+    assert len(numbers) > 50 and all(math.isfinite(x) for x in numbers)
+    assert set(r["attribute_accuracy"]["per_attribute"]) >= {"family", "style", "mood", "tempo", "drums", "mode"}
+    # each number names the reference model that produced it: name@weights-hash
+    assert r["fad"]["embedder"].startswith("musicgen-lite-tagger@")
+    assert r["kl"]["classifier"] == r["fad"]["embedder"]
+    assert r["clap"]["model"].startswith("musicgen-lite-clap@") and "MiniLM" in r["clap"]["model"]
+    json.dumps(r)  # JSON-ready
+    assert "FAD" in format_table(r) and "noise" in format_table(r)
+    # the same seed gives the same numbers
+    again = evaluate(model, captions=heldout, n=4, duration=2.0, seed=0, batch_size=2, tagger=tagger, clap=clap,
+                     progress=False, top_k=50)
+    assert again["fad"]["value"] == r["fad"]["value"]
+
+
+def test_perfect_model_beats_noise_and_kl_of_identical_distributions_is_zero(refs, heldout):
+    tagger, clap = refs
+    kw = dict(captions=heldout, n=N, duration=SECONDS, tagger=tagger, clap=clap, progress=False)
+    perfect = evaluate(PerfectModel(heldout), melodies=heldout / "stems", **kw)
+    noise = evaluate(NoiseModel(), **kw)
+
+    # identical audio: FAD is only round-off, KL(p, p) = 0 in both directions and per attribute
+    assert abs(perfect["fad"]["value"]) < 1e-3
+    assert perfect["kl"]["kl_ref_gen"] == pytest.approx(0, abs=1e-9)
+    assert perfect["kl"]["kl_gen_ref"] == pytest.approx(0, abs=1e-9)
+    assert all(v["kl_ref_gen"] == pytest.approx(0, abs=1e-9) for v in perfect["kl"]["per_attribute"].values())
+    # its accuracy and CLAP are exactly the real audio's (the reference ceiling)
+    assert perfect["attribute_accuracy"] == perfect["reference"]["real"]["attribute_accuracy"]
+    # librosa's tempo of real clips mostly matches their captions' bpm; of noise, much less
+    bpm_real = perfect["attribute_accuracy"]["per_attribute"]["tempo_bpm"]
+    assert bpm_real >= 0.5 and bpm_real > noise["attribute_accuracy"]["per_attribute"]["tempo_bpm"]
+    assert perfect["clap"]["value"] == pytest.approx(perfect["reference"]["real"]["clap"]["value"])
+
+    assert noise["fad"]["value"] > 10 * max(1.0, perfect["fad"]["value"])
+    assert noise["kl"]["kl_ref_gen"] > 0.5
+    assert perfect["attribute_accuracy"]["mean"] > noise["attribute_accuracy"]["mean"] + 0.2
+    assert perfect["clap"]["value"] > noise["clap"]["value"] + 0.3
+    # references: real audio prefers its own captions to shuffled ones
+    ref = perfect["reference"]
+    assert ref["real"]["clap"]["value"] > ref["shuffled"]["clap"]["value"]
+    assert ref["shuffled"]["kl"]["kl_ref_gen"] > 0
+    # chroma: a real mix shares its melody stem's dominant pitch far more often than noise does
+    assert perfect["chroma_cosine"]["value"] > ref["noise"]["chroma_cosine"]["value"] + 0.3
+    assert perfect["chroma_cosine"]["value"] > ref["shuffled"]["chroma_cosine"]["value"]
+
+
+def test_default_heldout_set_and_errors(refs, tmp_path, monkeypatch, heldout):
+    tagger, clap = refs
+    monkeypatch.setenv("MUSICGEN_LITE_CACHE", str(tmp_path))
+    r = evaluate(NoiseModel(), n=2, duration=SECONDS, tagger=tagger, clap=clap, progress=False)
+    assert r["setup"]["heldout_seed"] == HELDOUT_SEED and str(tmp_path) in r["setup"]["captions"]
+    # the default set's first clips are those of the same seed at any size
+    infos_default = load_clips(r["setup"]["captions"], None, SECONDS)[1]
+    infos_ours = load_clips(heldout, 2, SECONDS)[1]
+    assert [i["description"] for i in infos_default] == [i["description"] for i in infos_ours]
+
+    with pytest.raises(ValueError, match="n must be at least 2"):
+        evaluate(NoiseModel(), n=1, tagger=tagger, clap=clap, progress=False)
+    with pytest.raises(ValueError, match="melody"):
+        evaluate(tiny_musicgen(), captions=heldout, n=2, duration=1.0, melodies=heldout / "stems", tagger=tagger,
+                 clap=clap, progress=False)
+
+
+def test_cli_evaluate_help_and_missing_model(tmp_path, capsys):
+    from musicgen_lite.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "--json" in out and "--melodies" in out
+
+    missing = tmp_path / "no_such_model"
+    assert main(["evaluate", "--model", str(missing), "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "evaluate: error" in err and str(missing) in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_evaluate_end_to_end_on_a_saved_tiny_model(tmp_path, heldout, capsys):
+    from musicgen_lite.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_musicgen().save(model_dir, conditioner={"name": "learned", "kwargs": {"dim": 32}})
+    out = tmp_path / "eval" / "r.json"
+    rc = main(["evaluate", "--model", str(model_dir), "--json", str(out), "--captions", str(heldout), "--n", "2",
+               "--duration", "1", "--top-k", "20", "--device", "cpu", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads(out.read_text())
+    assert {"fad", "kl", "clap", "chroma_cosine", "attribute_accuracy", "reference"} <= set(r)
+    assert r["setup"]["n"] == 2 and r["setup"]["generate"] == {"cfg_coef": 3.0, "top_k": 20}
+    assert "FAD" in capsys.readouterr().out
