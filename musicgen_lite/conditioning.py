@@ -15,6 +15,11 @@ class                   encoder                                         offline?
                         scratch with the LM, on hashed words
 ======================  ==============================================  ====================
 
+Melody (MusicGen-melody) has its own conditioner, :class:`MelodyConditioner`: a chromagram
+(:class:`ChromaExtractor`, one-hot at the dominant pitch class) projected by a linear layer;
+its states are a prefix before the tokens (``condition_mode="prepend"`` in
+:mod:`musicgen_lite.lm`), not a cross-attention input.
+
 Classifier-free guidance needs a *null condition*: an empty text gives ``mask`` all zero
 and ``emb`` all zero (the LM's cross-attention then adds nothing, see
 :mod:`musicgen_lite.lm`). During training, :class:`ConditionDropout` replaces the whole
@@ -24,6 +29,7 @@ distribution.
 """
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from typing import Sequence
@@ -212,10 +218,14 @@ class ConditionDropout(nn.Module):
         self.p = p
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
-    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def drop(self) -> bool:
+        """Draw whether this batch loses its condition (always False in eval mode or with p = 0)."""
         if not self.training or self.p == 0:
-            return emb, mask
-        if torch.rand((), generator=self.generator).item() < self.p:
+            return False
+        return torch.rand((), generator=self.generator).item() < self.p
+
+    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.drop():
             return torch.zeros_like(emb), torch.zeros_like(mask)
         return emb, mask
 
@@ -310,3 +320,148 @@ class ChromaExtractor(nn.Module):
             idx = torch.div(torch.arange(frames) * chroma.shape[1], frames, rounding_mode="floor")
             chroma = chroma[:, idx]
         return chroma
+
+
+SILENCE_PEAK = 1e-5  # -100 dBFS: a melody whose samples all stay below this is silence
+
+
+class MelodyConditioner(nn.Module):
+    """Melody wavs -> MusicGen-melody's chroma prefix: ``(emb[B, frames, D], mask[B, frames])``.
+
+    Each melody is mixed to mono, resampled to ``sample_rate`` (:func:`musicgen_lite.audio.resample`),
+    turned into a chromagram by :class:`ChromaExtractor` at the chroma's own frame rate
+    (``sample_rate / hop``, 7.8 Hz for MusicGen: 32 kHz, ``radix2_exp=14``), then projected by
+    ``proj = Linear(n_chroma -> output_dim)``. The prefix always has ``frames`` rows (default
+    :attr:`length`, what the LM was trained with, 235 = 30 s for MusicGen): a shorter chromagram is
+    *looped* and a longer one cut, as transformers and audiocraft do, so chroma frame ``i`` stays
+    aligned with second ``i * hop / sample_rate`` of the generated audio.
+
+    The null melody (classifier-free guidance, ``None`` rows, condition dropout) is the chroma of
+    silence: all zero, which ``argmax=True`` turns into a one-hot at pitch class 0 (C), exactly
+    the null input of transformers' ``MusicgenMelodyForConditionalGeneration``. The mask is all
+    ones: the prefix has no padding, and the null melody is an input the model learned.
+
+    Input checks (errors name ``melody[i]``):
+
+    - not a tensor, 0 samples, NaN / infinite samples: error;
+    - shorter than one chroma hop (``hop`` samples after resampling; 0.128 s for MusicGen): error,
+      too short to hold one note;
+    - shorter than one chroma window (``2 ** radix2_exp`` samples; 0.512 s for MusicGen): padded
+      with silence to one window (the extractor's fallback), so its chroma is the note it holds;
+    - all silent (peak below :data:`SILENCE_PEAK`): the null melody.
+
+    ``dropout``: in training, with probability ``dropout`` the whole batch gets the null melody
+    (:class:`ConditionDropout`), so that one model learns with and without melody.
+    """
+
+    def __init__(self, sample_rate: int = 32_000, output_dim: int = 1024, length: int | None = None,
+                 n_chroma: int = 12, radix2_exp: int = 14, argmax: bool = True, dropout: float = 0.0,
+                 seed: int | None = None, max_duration: float = 30.0):
+        super().__init__()
+        from .audio import check_rate
+
+        self.sample_rate = check_rate(sample_rate, "sample_rate")
+        self.chroma = ChromaExtractor(self.sample_rate, n_chroma, radix2_exp, argmax)
+        self.proj = nn.Linear(n_chroma, output_dim)
+        self.n_chroma, self.output_dim = n_chroma, output_dim
+        self.length = length if length is not None else math.ceil(max_duration * self.frame_rate)
+        if self.length < 1:
+            raise ValueError(f"length must be at least one chroma frame, got {self.length}")
+        self.dropout = ConditionDropout(dropout, seed)
+
+    @property
+    def frame_rate(self) -> float:
+        """Chroma frames per second (``sample_rate / hop``)."""
+        return self.sample_rate / self.chroma.hop_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj.weight.device
+
+    def null_chroma(self, batch: int, frames: int = 1) -> torch.Tensor:
+        """The chroma of silence ``[B, frames, n_chroma]`` (one-hot C with ``argmax``, else zeros)."""
+        chroma = torch.zeros(batch, frames, self.n_chroma, device=self.device)
+        if self.chroma.argmax:
+            chroma[..., 0] = 1
+        return chroma
+
+    def prepare(self, melody, sample_rate: int | None = None) -> list[torch.Tensor | None]:
+        """Check and resample: ``melody`` -> one mono wav ``[N]`` at :attr:`sample_rate` (or None) per row.
+
+        ``melody``: a tensor ``[B, C, N]`` (C channels are averaged), ``[B, N]`` (B mono
+        melodies) or ``[N]``, or a list of tensors ``[N]`` / ``[C, N]`` and None (no melody for
+        that row). ``sample_rate``: the melodies' rate (None: already at :attr:`sample_rate`).
+        All-silent melodies come back as None.
+        """
+        from .audio import check_rate, resample
+
+        rate = self.sample_rate if sample_rate is None else check_rate(sample_rate, "melody_sample_rate")
+        if torch.is_tensor(melody):
+            if melody.dim() not in (1, 2, 3):
+                raise ValueError(f"melody must be a tensor [B, 1, N], [B, N] or [N], got {list(melody.shape)}")
+            items = list(melody[None] if melody.dim() == 1 else melody)  # one [C, N] or [N] per row
+        elif isinstance(melody, (list, tuple)):
+            items = list(melody)
+        else:
+            raise TypeError(f"melody must be a tensor or a list of tensors (None: no melody), "
+                            f"got {type(melody).__name__}")
+        if not items:
+            raise ValueError("melody is empty: give one melody per row (None for no melody)")
+        hop = self.chroma.hop_length
+        wavs: list[torch.Tensor | None] = []
+        for i, m in enumerate(items):
+            if m is None:
+                wavs.append(None)
+                continue
+            if not torch.is_tensor(m):
+                raise TypeError(f"melody[{i}] must be a tensor [N] or [C, N] (or None), got {type(m).__name__}")
+            if m.dim() not in (1, 2):
+                raise ValueError(f"melody[{i}] must be [N] or [C, N], got {list(m.shape)}")
+            if m.numel() == 0:
+                raise ValueError(f"melody[{i}] is empty (0 samples)")
+            if not torch.isfinite(m).all():
+                raise ValueError(f"melody[{i}] contains {int((~torch.isfinite(m)).sum())} NaN or infinite samples")
+            wav = m.float().reshape(-1, m.shape[-1]).mean(0).to(self.device)  # (N,) mono
+            wav = resample(wav, rate, self.sample_rate)
+            if wav.shape[-1] < hop:
+                raise ValueError(f"melody[{i}] is too short: {m.shape[-1] / rate:.3f} s; a melody needs at "
+                                 f"least one chroma hop ({hop / self.sample_rate:.3f} s = {hop} samples at "
+                                 f"{self.sample_rate} Hz)")
+            wavs.append(None if wav.abs().max() < SILENCE_PEAK else wav)
+        return wavs
+
+    @torch.no_grad()
+    def chromagram(self, wavs: list[torch.Tensor | None], frames: int | None = None,
+                   offset: float = 0.0) -> torch.Tensor:
+        """Prepared wavs (:meth:`prepare`) -> ``chroma[B, frames, n_chroma]``, looped / cut to ``frames``.
+
+        ``offset`` (seconds): start the melody there (it loops), for the later windows of a
+        long generation, as audiocraft does.
+        """
+        frames = self.length if frames is None else frames
+        if not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"frames must be a positive number of chroma frames, got {frames!r}")
+        rows = []
+        for wav in wavs:
+            if wav is None:
+                rows.append(self.null_chroma(1, frames)[0])
+                continue
+            shift = int(round(offset * self.sample_rate)) % wav.shape[-1]
+            if shift:
+                wav = torch.cat([wav[shift:], wav[:shift]])
+            chroma = self.chroma(wav.view(1, 1, -1))[0]  # (T, C) at the chroma frame rate
+            idx = torch.arange(frames, device=chroma.device) % chroma.shape[0]  # loop, then cut
+            rows.append(chroma[idx])
+        return torch.stack(rows)  # (B, frames, C)
+
+    def project(self, chroma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``chroma[B, T, n_chroma]`` -> ``(emb[B, T, D], mask[B, T])``; condition dropout applies here."""
+        if self.dropout.drop():
+            chroma = self.null_chroma(chroma.shape[0], chroma.shape[1])
+        emb = self.proj(chroma.to(self.proj.weight.dtype))
+        return emb, torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+
+    def forward(self, melody, sample_rate: int | None = None, frames: int | None = None,
+                offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``melody`` (see :meth:`prepare`) at ``sample_rate`` Hz -> ``(emb[B, frames, D], mask[B, frames])``."""
+        return self.project(self.chromagram(self.prepare(melody, sample_rate), frames, offset))

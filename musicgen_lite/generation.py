@@ -7,13 +7,18 @@
   ``CompressionModel``, or :class:`TransformersCodec` around transformers' ``EncodecModel``);
 - ``pattern``: how the K streams interleave (``delay`` by default);
 - ``lm``: the :class:`~musicgen_lite.lm.MusicLM`;
-- ``conditioner``: a text conditioner (None: an unconditional model).
+- ``conditioner``: a text conditioner (None: an unconditional model);
+- ``melody_conditioner`` (MusicGen-melody only): a
+  :class:`~musicgen_lite.conditioning.MelodyConditioner`; its chroma prefix goes before the
+  text states, ``cond = [chroma | text]``, and the LM (``condition_mode="prepend"``) reads
+  ``[cond | tokens]``. Without a melody every row gets the null melody.
 
 Generation fills a sequence ``seq[B, K, S + 1]`` step by step with a preallocated KV cache:
 the LM reads position ``s`` and its K heads predict step ``s + 1``; where the pattern has a
 gap the special token stays, and prompt tokens (a continuation) are kept, not sampled.
 With classifier-free guidance the batch holds the conditions and then the null conditions
-(``2B`` rows, one forward per step); ``two_pass_cfg=True`` runs them as two batches.
+(``2B`` rows, one forward per step); ``two_pass_cfg=True`` runs them as two batches. The null
+condition drops everything: zero text states and the null melody.
 
 Durations beyond the model's context (``max_duration``) are generated window by window:
 each new window is prompted with the last ``max_duration - extend_stride`` seconds of what
@@ -33,11 +38,19 @@ from .patterns import Pattern, get_pattern
 
 
 class MusicGen(nn.Module):
-    """Text-to-music: ``generate(descriptions, duration) -> wav[B, 1, N]`` at ``sample_rate``."""
+    """Text-to-music: ``generate(descriptions, duration) -> wav[B, 1, N]`` at ``sample_rate``.
+
+    With a ``melody_conditioner`` (and a prepend-mode LM), also text + melody to music:
+    :meth:`generate_with_chroma`.
+    """
 
     def __init__(self, codec, lm: MusicLM, conditioner=None, pattern: Pattern | str = "delay",
-                 max_duration: float = 30.0, extend_stride: float = 18.0):
+                 max_duration: float = 30.0, extend_stride: float = 18.0, melody_conditioner=None):
         super().__init__()
+        if melody_conditioner is not None and lm.config.condition_mode != "prepend":
+            raise ValueError("a melody_conditioner needs an LM with condition_mode='prepend' "
+                             f"(got {lm.config.condition_mode!r})")
+        self.melody_conditioner = melody_conditioner
         if lm.config.num_codebooks != codec.num_codebooks or lm.config.bins != codec.cardinality:
             raise ValueError(f"LM ({lm.config.num_codebooks} x {lm.config.bins}) does not match the codec "
                              f"({codec.num_codebooks} x {codec.cardinality})")
@@ -81,13 +94,46 @@ class MusicGen(nn.Module):
         return save_musicgen(self, path, conditioner, extra, dtype)
 
     # ----------------------------------------------------------------------- conditions
-    def condition(self, descriptions) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``descriptions`` (list of str / None) -> ``(cond[B, L, D], mask[B, L])``, or (None, None)."""
+    def condition(self, descriptions, melody=None, melody_sample_rate: int | None = None,
+                  melody_offset: float = 0.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``descriptions`` (list of str / None) -> ``(cond[B, L, D], mask[B, L])``, or (None, None).
+
+        A melody model puts its chroma prefix first: ``cond = [chroma (Lm rows) | text]``.
+        ``melody``: what :meth:`MelodyConditioner.prepare` takes (one per description, None
+        rows: the null melody; None: no melody at all), at ``melody_sample_rate`` Hz;
+        ``melody_offset``: seconds into the (looping) melody where this window starts.
+        """
+        descriptions = list(descriptions)
         if self.conditioner is None:
             if any(d for d in descriptions):
                 raise ValueError("this MusicGen has no text conditioner; pass descriptions=None")
-            return None, None
-        return self.conditioner(list(descriptions))
+            text = (None, None)
+        else:
+            text = self.conditioner(descriptions)
+        mc = self.melody_conditioner
+        if mc is None:
+            if melody is not None:
+                raise ValueError("this MusicGen has no melody conditioner (a MusicGen-melody model takes "
+                                 "melodies); pass melody=None")
+            return text
+        wavs = [None] * len(descriptions) if melody is None else mc.prepare(melody, melody_sample_rate)
+        if len(wavs) != len(descriptions):
+            raise ValueError(f"{len(wavs)} melodies for {len(descriptions)} descriptions")
+        chroma_emb, chroma_mask = mc.project(mc.chromagram(wavs, offset=melody_offset))  # (B, Lm, D)
+        if text[0] is None:
+            return chroma_emb, chroma_mask
+        return (torch.cat([chroma_emb, text[0].to(chroma_emb.dtype)], dim=1),
+                torch.cat([chroma_mask, text[1].to(chroma_mask.dtype)], dim=1))
+
+    def null_condition(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The null condition of classifier-free guidance, shaped like ``cond``: zero text states
+        (mask 0) and, for a melody model, the null melody (the chroma of silence) in front."""
+        null, null_mask = torch.zeros_like(cond), torch.zeros_like(cond_mask)
+        mc = self.melody_conditioner
+        if mc is not None:
+            emb, mask = mc.project(mc.null_chroma(cond.shape[0], mc.length))
+            null[:, :mc.length], null_mask[:, :mc.length] = emb.to(null.dtype), mask.to(null_mask.dtype)
+        return null, null_mask
 
     def _frames(self, duration, what: str = "duration") -> int:
         if not isinstance(duration, (int, float)) or not math.isfinite(duration) or duration <= 0:
@@ -118,7 +164,7 @@ class MusicGen(nn.Module):
     @torch.no_grad()
     def _sample_window(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
                        top_k: int, top_p: float, temperature: float, generator, two_pass_cfg: bool,
-                       bar=None) -> torch.Tensor:
+                       bar=None, null_cond=None) -> torch.Tensor:
         """``T`` frames of codes ``[B, K, T]`` in one window; ``prompt[B, K, Tp]`` codes are kept."""
         lm, pattern, K, special = self.lm, self.pattern, self.lm.config.num_codebooks, self.lm.config.special
         device = self.device
@@ -135,11 +181,12 @@ class MusicGen(nn.Module):
 
         guided = cond is not None and cfg_coef != 1.0
         if guided:
-            null, null_mask = torch.zeros_like(cond), torch.zeros_like(cond_mask)
+            null, null_mask = null_cond if null_cond is not None else self.null_condition(cond, cond_mask)
         if guided and not two_pass_cfg:
             cond, cond_mask = torch.cat([cond, null]), torch.cat([cond_mask, null_mask])
         rows = 2 * B if guided and not two_pass_cfg else B
-        caches = [lm.new_cache(rows, S)] + ([lm.new_cache(B, S)] if guided and two_pass_cfg else [])
+        P = cond.shape[1] if cond is not None and lm.config.condition_mode == "prepend" else 0  # prefix length
+        caches = [lm.new_cache(rows, P + S)] + ([lm.new_cache(B, P + S)] if guided and two_pass_cfg else [])
 
         def step(x: torch.Tensor) -> torch.Tensor:  # x: (B, K, s) new positions -> (B, K, bins) guided logits
             c, m = (cond, cond_mask) if caches[0].pos == 0 else (None, None)
@@ -156,7 +203,7 @@ class MusicGen(nn.Module):
             bar.update(first - 1)  # steps given by the prompt (read in one prefill)
         for s in range(first, S + 1):
             # read every position not yet read (the prefill: 0..first-1 at once), predict step s
-            logits = step(seq[..., caches[0].pos:s])  # (B, K, bins)
+            logits = step(seq[..., caches[0].tokens:s])  # (B, K, bins)
             tokens = sampling.sample_next(logits, temperature, top_k, top_p, generator)  # (B, K)
             seq[:, :, s] = torch.where(todo[:, s], tokens, seq[:, :, s])
             if bar is not None:
@@ -167,11 +214,14 @@ class MusicGen(nn.Module):
     def generate_codes(self, descriptions=None, duration: float = 10.0, prompt_codes: torch.Tensor | None = None,
                        cfg_coef: float = 3.0, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0,
                        seed: int | None = None, num_samples: int | None = None, two_pass_cfg: bool = False,
-                       progress: bool = True) -> torch.Tensor:
+                       progress: bool = True, melody=None, melody_sample_rate: int | None = None) -> torch.Tensor:
         """Tokens for ``duration`` seconds: ``codes[B, K, T]`` (the prompt included when given).
 
         ``descriptions``: list of texts (``""`` / None: unconditional rows); None with
         ``num_samples``: unconditional. ``prompt_codes[B, K, Tp]``: a beginning to continue.
+        ``melody`` (melody models): tensors as :meth:`MelodyConditioner.prepare` takes them, at
+        ``melody_sample_rate`` Hz, one per row or one for all rows; each window beyond the first
+        reads the (looping) melody from the time it starts. See :meth:`generate_with_chroma`.
         """
         if descriptions is None:
             descriptions = [None] * (num_samples or (prompt_codes.shape[0] if prompt_codes is not None else 1))
@@ -191,10 +241,20 @@ class MusicGen(nn.Module):
             if Tp >= T:
                 raise ValueError(f"the prompt ({Tp / self.frame_rate:.2f} s) is not shorter than the requested "
                                  f"duration ({duration} s): nothing would be generated")
-        cond, cond_mask = self.condition(descriptions)
+        if melody is not None:
+            if self.melody_conditioner is None:
+                raise ValueError("this MusicGen has no melody conditioner (a MusicGen-melody model takes "
+                                 "melodies); pass melody=None")
+            melody = self.melody_conditioner.prepare(melody, melody_sample_rate)  # once: checked, resampled
+            if len(melody) == 1 and B > 1:
+                melody = melody * B  # one melody for every description
+            if len(melody) != B:
+                raise ValueError(f"{len(melody)} melodies for {B} descriptions")
+        cond, cond_mask = self.condition(descriptions, melody)
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         opts = dict(B=B, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
-                    generator=generator, two_pass_cfg=two_pass_cfg)
+                    generator=generator, two_pass_cfg=two_pass_cfg,
+                    null_cond=self.null_condition(cond, cond_mask) if cond is not None else None)
 
         plan = self.plan_windows(T, Tp)
         bar = None
@@ -207,6 +267,9 @@ class MusicGen(nn.Module):
         try:
             for keep, new in plan:
                 context = codes[..., codes.shape[-1] - keep:] if keep else None
+                start = 0 if codes is None else codes.shape[-1] - keep  # first frame of this window
+                if melody is not None and start > 0:  # the melody as it sounds from this window on
+                    cond, cond_mask = self.condition(descriptions, melody, melody_offset=start / self.frame_rate)
                 window = self._sample_window(cond, cond_mask, keep + new, context, bar=bar, **opts)
                 codes = window if codes is None else torch.cat([codes, window[..., keep:]], dim=-1)
         finally:
@@ -257,6 +320,50 @@ class MusicGen(nn.Module):
         codes = self.generate_codes(descriptions, duration, prompt_codes=prompt_codes, **kw)
         return self.codec.decode(codes)
 
+    @torch.no_grad()
+    def generate_with_chroma(self, descriptions, melody_wavs, melody_sample_rate: int | None = None,
+                             duration: float = 10.0, cfg_coef: float = 3.0, top_k: int = 250, top_p: float = 0.0,
+                             temperature: float = 1.0, seed: int | None = None, **kw) -> torch.Tensor:
+        """Text + melody -> ``wav[B, 1, N]``: music that follows ``melody_wavs``' chromagram.
+
+        ``melody_wavs``: a tensor ``[B, 1, N]`` or ``[B, N]`` (B mono melodies; ``[B, C, N]``:
+        channels averaged), a list of tensors ``[N]`` / ``[C, N]`` (None: no melody for that
+        row), or a path (str / Path) to
+        an audio file (wav, flac, mp3, ...; read by :func:`musicgen_lite.audio.load_audio`), or
+        a list of paths. ``melody_sample_rate``: the tensors' rate in Hz (files carry their
+        own). One melody with several descriptions serves them all; ``descriptions=None``:
+        melody only. With guidance the null rows drop both the text and the melody. The other
+        arguments are those of :meth:`generate`.
+        """
+        from pathlib import Path
+
+        from .audio import load_audio
+
+        mc = self.melody_conditioner
+        if mc is None:
+            raise ValueError("generate_with_chroma needs a melody model (this MusicGen has no melody_conditioner)")
+        if melody_wavs is None:
+            raise ValueError("melody_wavs is None: give a tensor, a list of tensors or an audio file path")
+        paths = isinstance(melody_wavs, (str, Path)) or (
+            isinstance(melody_wavs, (list, tuple)) and any(isinstance(m, (str, Path)) for m in melody_wavs))
+        if paths:
+            items = [melody_wavs] if isinstance(melody_wavs, (str, Path)) else list(melody_wavs)
+            rate = mc.sample_rate if melody_sample_rate is None else melody_sample_rate
+            if melody_sample_rate is None and any(torch.is_tensor(m) for m in items):
+                raise ValueError("melody_sample_rate is needed for the tensors among melody_wavs")
+            melody_wavs = [load_audio(m, sample_rate=rate)[0] if isinstance(m, (str, Path)) else m for m in items]
+            melody_sample_rate = rate
+        elif melody_sample_rate is None:
+            raise ValueError("melody_sample_rate is needed: the sample rate (Hz) of melody_wavs")
+        if descriptions is None:  # melody only: one row per melody
+            one = torch.is_tensor(melody_wavs) and melody_wavs.dim() == 1
+            descriptions = [None] * (1 if one else len(melody_wavs))
+        elif isinstance(descriptions, str):
+            descriptions = [descriptions]
+        return self.generate(descriptions, duration, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p,
+                             temperature=temperature, seed=seed, melody=melody_wavs,
+                             melody_sample_rate=melody_sample_rate, **kw)
+
 
 # ----------------------------------------------------------------------- transformers port
 
@@ -304,6 +411,9 @@ def from_transformers_musicgen(hf, tokenizer=None, max_duration: float = 30.0,
     from .conditioning import T5Conditioner
     from .lm import from_transformers_decoder
 
+    if type(hf).__name__ == "MusicgenMelodyForConditionalGeneration":
+        return from_transformers_musicgen_melody(hf, tokenizer, max_duration=max_duration,
+                                                 extend_stride=extend_stride)
     if getattr(hf.config.decoder, "audio_channels", 1) != 1:
         raise ValueError("only mono MusicGen is supported")
     lm = from_transformers_decoder(hf.decoder)
@@ -317,6 +427,51 @@ def from_transformers_musicgen(hf, tokenizer=None, max_duration: float = 30.0,
             conditioner.proj.bias.copy_(hf.enc_to_dec_proj.bias)
     codec = TransformersCodec(copy.deepcopy(hf.audio_encoder))
     return MusicGen(codec, lm, conditioner, "delay", max_duration, extend_stride).eval()
+
+
+def from_transformers_musicgen_melody(hf, tokenizer=None, radix2_exp: int = 14, max_duration: float = 30.0,
+                                      extend_stride: float = 18.0) -> MusicGen:
+    """A melody :class:`MusicGen` from transformers' ``MusicgenMelodyForConditionalGeneration``.
+
+    - decoder -> a ``condition_mode="prepend"`` :class:`MusicLM` (no cross-attention);
+    - T5 + ``enc_to_dec_proj`` -> a :class:`~musicgen_lite.conditioning.T5Conditioner`;
+    - ``audio_enc_to_dec_proj`` -> the projection of a
+      :class:`~musicgen_lite.conditioning.MelodyConditioner` at the codec's sample rate, with
+      ``length = config.chroma_length`` prefix frames; ``radix2_exp`` sets its STFT
+      (``n_fft = 2 ** radix2_exp``, hop a quarter of it: 14 is transformers' feature extractor
+      for the 32 kHz model, 16384 / 4096);
+    - EnCodec -> a :class:`TransformersCodec`.
+
+    Same logits for the same text, chroma and tokens; greedy decoding gives transformers'
+    tokens. The transformers model stays untouched (copies).
+    """
+    import copy
+
+    from .conditioning import MelodyConditioner, T5Conditioner
+    from .lm import from_transformers_decoder
+
+    if getattr(hf.config.decoder, "audio_channels", 1) != 1:
+        raise ValueError("only mono MusicGen-melody is supported")
+    lm = from_transformers_decoder(hf.decoder)
+    dim = lm.config.dim
+    project = hf.text_encoder.config.hidden_size != dim  # transformers' own condition for enc_to_dec_proj
+    conditioner = T5Conditioner(copy.deepcopy(hf.text_encoder), output_dim=dim,
+                                tokenizer=tokenizer or _MissingTokenizer(), project=project)
+    codec = TransformersCodec(copy.deepcopy(hf.audio_encoder))
+    melody = MelodyConditioner(codec.sample_rate, dim, length=hf.config.chroma_length, n_chroma=hf.config.num_chroma,
+                               radix2_exp=radix2_exp).to(next(hf.parameters()).device)
+    with torch.no_grad():
+        if project:
+            conditioner.proj.weight.copy_(hf.enc_to_dec_proj.weight)
+            conditioner.proj.bias.copy_(hf.enc_to_dec_proj.bias)
+        if hf.config.num_chroma != dim:
+            melody.proj.weight.copy_(hf.audio_enc_to_dec_proj.weight)
+            melody.proj.bias.copy_(hf.audio_enc_to_dec_proj.bias)
+        else:  # transformers feeds the chroma as it is
+            melody.proj.weight.copy_(torch.eye(dim))
+            melody.proj.bias.zero_()
+    return MusicGen(codec, lm, conditioner, "delay", max_duration, extend_stride,
+                    melody_conditioner=melody).eval()
 
 
 class _MissingTokenizer:

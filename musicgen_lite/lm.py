@@ -13,9 +13,20 @@ special token ``bins`` where the pattern leaves a gap). The model
 4. normalises once more and applies one linear head per codebook:
    ``logits[B, K, S, bins]``.
 
+The condition reaches the model in one of two ways (``LMConfig.condition_mode``):
+
+- ``"cross"`` (MusicGen): every block cross-attends to ``cond[B, L, dim]``;
+- ``"prepend"`` (MusicGen-melody): no cross-attention at all; ``cond`` is a *prefix* of
+  ``L`` input vectors placed before the token embeddings, ``[cond | tokens]``, and the
+  causal self-attention reads it. Positions count the prefix (the first token sits at
+  position ``L``, as in transformers' ``MusicgenMelodyForConditionalGeneration``), padded
+  prefix states are zero vectors that are still attended to (transformers and audiocraft do
+  the same: the released weights learned with it), and only the token positions get logits.
+
 For generation, :class:`KVCache` holds every layer's keys and values in buffers allocated
 once for the whole length (no concatenation per step), and the cross-attention keys and
-values of the condition are computed once per generation, at the first step.
+values of the condition are computed once per generation, at the first step; in prepend
+mode the prefix is read once, at the first step, and stays in the cache like any position.
 
 Sizes (:func:`lm_config`): ``tiny`` (tests, CI), ``lite`` (a laptop CPU), and MusicGen's
 ``small`` (1024 x 24 layers x 16 heads, ffn 4096, ~300M parameters), ``medium`` (1536 x 48
@@ -42,6 +53,8 @@ class LMConfig:
     num_heads: int = 16
     ffn_dim: int = 4096  # hidden width of the feed-forward
     cross_attention: bool = True  # False: an unconditional LM (no cross-attention weights)
+    condition_mode: str = "cross"  # "cross": cross-attention to cond; "prepend": cond is a prefix
+    #                                (MusicGen-melody; no cross-attention weights, cross_attention ignored)
     dropout: float = 0.0
     norm_eps: float = 1e-5
     max_period: float = 10_000.0  # of the sinusoidal positions
@@ -49,6 +62,11 @@ class LMConfig:
     @property
     def special(self) -> int:
         return self.bins
+
+    @property
+    def has_cross_attention(self) -> bool:
+        """Whether the blocks hold cross-attention layers."""
+        return self.cross_attention and self.condition_mode == "cross"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,9 +143,15 @@ class KVCache:
         self.cross_mask: torch.Tensor | None = None  # (B, 1, 1, L) bool, or None: attend to all
         self.cross_gate: torch.Tensor | None = None  # (B, 1, 1) 0 where no condition token is valid
         self.batch, self.max_len, self.pos = batch, max_len, 0
+        self.prefix = 0  # positions taken by a prepended condition (prepend mode), counted in pos
+
+    @property
+    def tokens(self) -> int:
+        """Token positions seen so far (``pos`` without the condition prefix)."""
+        return self.pos - self.prefix
 
     def reset(self) -> None:
-        self.pos = 0
+        self.pos = self.prefix = 0
         self.cross = [None] * len(self.cross)
         self.cross_mask = self.cross_gate = None
 
@@ -214,7 +238,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.attn = SelfAttention(config)
-        if config.cross_attention:
+        if config.has_cross_attention:
             self.norm_cross = nn.LayerNorm(config.dim, eps=config.norm_eps)
             self.cross = CrossAttention(config)
         self.norm2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
@@ -237,6 +261,8 @@ class MusicLM(nn.Module):
         self.config = config = config or LMConfig()
         if config.dim % config.num_heads or config.dim % 2:
             raise ValueError(f"dim {config.dim} must be even and divisible by num_heads {config.num_heads}")
+        if config.condition_mode not in ("cross", "prepend"):
+            raise ValueError(f"condition_mode must be 'cross' or 'prepend', got {config.condition_mode!r}")
         self.emb = nn.ModuleList(nn.Embedding(config.bins + 1, config.dim) for _ in range(config.num_codebooks))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.out_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
@@ -256,7 +282,7 @@ class MusicLM(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
         for i, block in enumerate(self.blocks):
-            out = [block.attn.proj, block.fc2] + ([block.cross.proj] if self.config.cross_attention else [])
+            out = [block.attn.proj, block.fc2] + ([block.cross.proj] if self.config.has_cross_attention else [])
             for linear in out:
                 nn.init.normal_(linear.weight, std=std / math.sqrt(2 * (i + 1)))
 
@@ -281,6 +307,8 @@ class MusicLM(nn.Module):
         ``cond[B, L, dim]``: condition states for cross-attention (None: unconditional);
         ``cond_mask[B, L]``: True / 1 for valid condition tokens (None: all valid). A row with
         no valid token is the null condition: its cross-attention adds nothing.
+        In prepend mode ``cond`` is the prefix (``cond_mask`` only zeroes padded states, which
+        stay in the sequence); the logits are still those of the ``S`` token positions.
         ``cache``: decode with a :class:`KVCache`; ``seq`` then holds the new positions only
         (positions ``cache.pos ..``), and the condition is read at the first call only.
         ``last_only``: apply the heads to the last position only (``S`` = 1 in the output),
@@ -292,11 +320,26 @@ class MusicLM(nn.Module):
         B, K, S = seq.shape
         start = cache.pos if cache is not None else 0
         x = sum(self.emb[k](seq[:, k]) for k in range(K))  # (B, S, D)
-        x = x + self.positions(start + S, seq.device)[start:start + S].to(x.dtype)
+
+        prefix = 0  # prepend mode: the condition goes before the tokens, once (first call with a cache)
+        if cfg.condition_mode == "prepend" and cond is not None and start == 0:
+            if cond.dim() != 3 or cond.shape[0] != B or cond.shape[2] != cfg.dim:
+                raise ValueError(f"cond must be [B={B}, L, dim={cfg.dim}], got {list(cond.shape)}")
+            cond = cond.to(x.dtype)
+            if cond_mask is not None:
+                if cond_mask.shape != cond.shape[:2]:
+                    raise ValueError(f"cond_mask must be [B={B}, L={cond.shape[1]}], got {list(cond_mask.shape)}")
+                cond = cond * cond_mask.unsqueeze(-1).to(x.dtype)  # padding: zero states, still attended
+            prefix = cond.shape[1]
+            x = torch.cat([cond, x], dim=1)  # (B, L + S, D)
+            if cache is not None:
+                cache.prefix = prefix
+        n = x.shape[1]
+        x = x + self.positions(start + n, seq.device)[start:start + n].to(x.dtype)
 
         # condition: keys/values per layer, from the cache after the first step
         cross, mask, gate = [None] * cfg.num_layers, None, None
-        if cfg.cross_attention:
+        if cfg.has_cross_attention:
             if cache is not None and cache.cross[0] is not None:
                 cross, mask, gate = cache.cross, cache.cross_mask, cache.cross_gate
             elif cond is not None:
@@ -307,14 +350,14 @@ class MusicLM(nn.Module):
                 cross = [block.cross.keys_values(cond) for block in self.blocks]
                 if cache is not None:
                     cache.cross, cache.cross_mask, cache.cross_gate = cross, mask, gate
-        elif cond is not None:
+        elif cond is not None and cfg.condition_mode == "cross":
             raise ValueError("this LM has no cross-attention (config.cross_attention=False); pass cond=None")
 
         for i, block in enumerate(self.blocks):
             x = block(x, cross[i], mask, gate, cache, i)
         if cache is not None:
-            cache.pos += S
-        x = self.out_norm(x[:, -1:] if last_only else x)
+            cache.pos += n
+        x = self.out_norm(x[:, -1:] if last_only else x[:, prefix:])  # token positions only
         return torch.stack([head(x) for head in self.heads], dim=1)  # (B, K, S, bins)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -329,7 +372,7 @@ class MusicLM(nn.Module):
         Builds ``seq`` (special token at step 0 and in the pattern's gaps), reads
         ``seq[..., :-1]``, and maps the outputs back to frames with
         :meth:`Pattern.revert_logits`, so that every real token is scored exactly once and no
-        gap is. Returns ``(loss, per_codebook[K])``: the mean over codebooks, and each
+        gap is (nor a prefix position in prepend mode: :meth:`forward` returns token logits only). Returns ``(loss, per_codebook[K])``: the mean over codebooks, and each
         codebook's mean cross-entropy in nats.
         """
         B, K, T = codes.shape
@@ -344,11 +387,14 @@ class MusicLM(nn.Module):
 # ------------------------------------------------------------------------- transformers port
 
 def from_transformers_decoder(hf) -> MusicLM:
-    """A :class:`MusicLM` holding the weights of transformers' ``MusicgenForCausalLM``.
+    """A :class:`MusicLM` holding the weights of transformers' ``MusicgenForCausalLM`` or
+    ``MusicgenMelodyForCausalLM``.
 
     Names map one to one, except that we fuse q/k/v (self-attention) and k/v (cross-
     attention) into one projection each. The result computes the same logits (fp32,
-    allclose) for the same ``seq``, ``encoder_hidden_states`` and mask.
+    allclose) for the same ``seq``, ``encoder_hidden_states`` and mask. The melody decoder has
+    no cross-attention: it becomes a ``condition_mode="prepend"`` LM, whose ``cond`` is the
+    ``encoder_hidden_states`` transformers concatenates before the token embeddings.
     """
     c = hf.config
     if c.hidden_size % 2 or c.hidden_size % c.num_attention_heads:
@@ -357,27 +403,30 @@ def from_transformers_decoder(hf) -> MusicLM:
         raise ValueError(f"only the GELU feed-forward is supported, got {c.activation_function!r}")
     if getattr(c, "audio_channels", 1) != 1:
         raise ValueError("only mono MusicGen decoders are supported")
+    dec = hf.model.decoder
+    prepend = not hasattr(dec.layers[0], "encoder_attn")  # MusicGen-melody: the condition is a prefix
     config = LMConfig(num_codebooks=c.num_codebooks, bins=c.vocab_size, dim=c.hidden_size,
                       num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, ffn_dim=c.ffn_dim,
-                      cross_attention=True, dropout=0.0)
+                      cross_attention=not prepend, condition_mode="prepend" if prepend else "cross", dropout=0.0)
     device = next(hf.parameters()).device
     with torch.device("meta"):  # no random init: every tensor is copied below
         lm = MusicLM(config)
     lm = lm.to_empty(device=device)
-    dec = hf.model.decoder
     with torch.no_grad():
         for ours, theirs in zip(lm.emb, dec.embed_tokens):
             ours.weight.copy_(theirs.weight)
         for block, layer in zip(lm.blocks, dec.layers):
-            sa, ca = layer.self_attn, layer.encoder_attn
+            sa = layer.self_attn
             block.attn.qkv.weight.copy_(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]))
             block.attn.proj.weight.copy_(sa.out_proj.weight)
-            block.cross.q.weight.copy_(ca.q_proj.weight)
-            block.cross.kv.weight.copy_(torch.cat([ca.k_proj.weight, ca.v_proj.weight]))
-            block.cross.proj.weight.copy_(ca.out_proj.weight)
-            for ours, theirs in [(block.norm1, layer.self_attn_layer_norm),
-                                 (block.norm_cross, layer.encoder_attn_layer_norm),
-                                 (block.norm2, layer.final_layer_norm)]:
+            norms = [(block.norm1, layer.self_attn_layer_norm), (block.norm2, layer.final_layer_norm)]
+            if not prepend:
+                ca = layer.encoder_attn
+                block.cross.q.weight.copy_(ca.q_proj.weight)
+                block.cross.kv.weight.copy_(torch.cat([ca.k_proj.weight, ca.v_proj.weight]))
+                block.cross.proj.weight.copy_(ca.out_proj.weight)
+                norms.append((block.norm_cross, layer.encoder_attn_layer_norm))
+            for ours, theirs in norms:
                 ours.weight.copy_(theirs.weight)
                 ours.bias.copy_(theirs.bias)
                 ours.eps = theirs.eps
