@@ -46,13 +46,17 @@ def lr_at(step: int, base_lr: float, warmup: int = 0, total: int | None = None, 
 
 # --------------------------------------------------------------------------- training state
 
-def save_training_state(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, step: int,
+def save_training_state(path, model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | dict | None, step: int,
                         config: dict, extra: dict | None = None) -> Path:
-    """Model + optimizer + step + RNG state in one atomic checkpoint folder (see module doc)."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    """Model + optimizer + step + RNG state in one atomic checkpoint folder (see module doc).
+
+    ``model`` / ``optimizer`` may also be their state dicts (FSDP gathers full ones first).
+    """
+    state = model if isinstance(model, dict) else model.state_dict()
+    tensors = {f"model.{k}": v for k, v in state.items()}
     meta = dict(extra or {}, step=int(step))
     if optimizer is not None:
-        opt = optimizer.state_dict()
+        opt = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
         scalars = {}
         for idx, state in opt["state"].items():
             for name, value in state.items():
@@ -73,23 +77,74 @@ def load_training_state(path, model: torch.nn.Module, optimizer: torch.optim.Opt
     tensors, _, extra = load_checkpoint(path, device)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     if optimizer is not None and "optimizer" in extra:
-        state: dict = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = value
-        for key, value in extra["optimizer"]["scalars"].items():
-            idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = value
-        for s in state.values():  # Adam keeps `step` on the CPU
-            if "step" in s and torch.is_tensor(s["step"]):
-                s["step"] = s["step"].cpu()
-        optimizer.load_state_dict({"state": state, "param_groups": extra["optimizer"]["param_groups"]})
+        optimizer.load_state_dict(_optimizer_state(tensors, extra))
     if restore_rng:
-        torch.set_rng_state(tensors["rng.torch"].cpu())
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"].cpu())
+        _restore_rng(tensors)
     return extra
+
+
+def _optimizer_state(tensors: dict, extra: dict) -> dict:
+    """The optimizer state dict (``{"state": {index: ...}, "param_groups"}``) stored in a checkpoint."""
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in extra["optimizer"]["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for s in state.values():  # Adam keeps `step` on the CPU
+        if "step" in s and torch.is_tensor(s["step"]):
+            s["step"] = s["step"].cpu()
+    return {"state": state, "param_groups": extra["optimizer"]["param_groups"]}
+
+
+def _restore_rng(tensors: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"].cpu())
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu())
+
+
+def _param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters as module names, in its own (index) order."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _fsdp_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts of an FSDP2 model, in the plain format
+    (optimizer state keyed by index), so a checkpoint does not depend on the number of processes.
+    A collective: every rank must call it; rank 0 gets the tensors (on the CPU)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(module, options=opts)
+    optim_sd = get_optimizer_state_dict(module, optimizer, options=opts)
+    index = {name: i for i, name in enumerate(_param_names(module, optimizer))}
+    state = {index[name]: value for name, value in optim_sd.get("state", {}).items()}
+    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in optim_sd.get("param_groups", [])]
+    return model_sd, {"state": state, "param_groups": groups}
+
+
+def _load_fsdp_state(path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, device) -> dict:
+    """Load a checkpoint (written by any number of processes) into an FSDP2-sharded model."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    tensors, _, extra = load_checkpoint(path, "cpu")
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+                         options=opts)
+    if "optimizer" in extra:
+        plain = _optimizer_state(tensors, extra)
+        names = _param_names(module, optimizer)
+        set_optimizer_state_dict(module, optimizer, options=opts, optim_state_dict={
+            "state": {names[i]: v for i, v in plain["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in plain["param_groups"]]})
+    _restore_rng(tensors)
+    return extra
+
 
 
 # --------------------------------------------------------------------------- data
@@ -409,12 +464,38 @@ def lm_train_options(scale: str) -> dict:
     """The LM recipe per scale (AdamW 0.9/0.95, weight decay 0.1, warmup + cosine, as MusicGen)."""
     base = dict(batch_size=16, segment_seconds=10.0, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup=200,
                 schedule="cosine", grad_clip=1.0, grad_accum=1, ema_decay=None, cond_dropout=0.3, amp="bf16",
-                log_every=25, checkpoint_every=250)
+                log_every=25, checkpoint_every=250, fsdp=None)
     if scale == "tiny":
         base.update(batch_size=4, segment_seconds=1.0, lr=3e-3, warmup=5, log_every=5, checkpoint_every=50)
     elif scale == "full":  # musicgen-small: global batch 192 x 30 s, lr 1e-4 (run with torchrun on GPUs)
         base.update(batch_size=192, segment_seconds=30.0, lr=1e-4, warmup=4000, checkpoint_every=2000)
     return base
+
+
+def _shard(task: "LMTask", opts: dict) -> None:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``): each transformer block is its own unit
+    (its weights gathered just before use, freed after; its cross-attention a unit of its own,
+    since the condition's keys/values are computed before the blocks run), then the rest (embeddings, heads,
+    conditioner) as the root unit. A frozen pretrained text encoder gets its own unit, so each
+    unit's parameters are all trainable or all frozen. Optimizer states are sharded with them:
+    what lets the ``full`` presets (up to 3.3 B parameters) train where DDP's full copy per GPU
+    would not fit."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if opts["ema_decay"]:
+        raise ValueError("ema_decay is not supported with FSDP yet: set ema_decay=None or fsdp=False")
+    for block in task.lm.blocks:
+        cross = getattr(block, "cross", None)
+        if cross is not None:  # its keys/values are computed once per batch, outside the block's forward
+            fully_shard(cross)
+            register_fsdp_forward_method(cross, "keys_values")
+        fully_shard(block)
+    if task.conditioner is not None:
+        for child in task.conditioner.children():
+            params = list(child.parameters())
+            if params and not any(p.requires_grad for p in params):
+                fully_shard(child)
+    fully_shard(task)
 
 
 class LMTask(torch.nn.Module):
@@ -471,7 +552,10 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         **options: override the recipe (``batch_size`` is the *global* batch, split over
             processes under torchrun; ``grad_accum`` micro-batches per process and step).
 
-    Under ``torchrun --nproc-per-node N`` the same call trains with DDP: every step draws one
+    Under ``torchrun --nproc-per-node N`` the same call trains with DDP, or with FSDP2 (sharded
+    weights, gradients and optimizer states) at the ``full`` scale or with ``fsdp=True``;
+    checkpoints hold full tensors either way, so a run can resume on another number of
+    processes. Every step draws one
     global batch from ``(seed, step)`` and each rank takes its slice, so the trajectory
     matches one process with the same global batch.
     """
@@ -493,6 +577,9 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     cfg = replace(cfg, num_codebooks=fp["num_codebooks"], bins=fp["cardinality"], cross_attention=conditioner is not None)
     torch.manual_seed(seed)
     task = LMTask(MusicLM(cfg), get_conditioner(conditioner, cfg.dim) if conditioner else None, pattern).to(device)
+    use_fsdp = world > 1 and (opts["fsdp"] if opts["fsdp"] is not None else scale == "full")
+    if use_fsdp:
+        _shard(task, opts)
     ema = None
     if opts["ema_decay"]:
         import copy
@@ -507,10 +594,13 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     ckpt = out_dir / "checkpoint"
     start, history = 0, []
     if resume and (ckpt / "config.json").is_file():
-        extra = load_training_state(ckpt, holder, optimizer, device=device)
+        if use_fsdp:
+            extra = _load_fsdp_state(ckpt, holder, optimizer, device)
+        else:
+            extra = load_training_state(ckpt, holder, optimizer, device=device)
         start, history = int(extra["step"]), list(extra.get("losses", []))
     model = task
-    if world > 1:
+    if world > 1 and not use_fsdp:
         model = torch.nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
     global_batch = opts["batch_size"]
     if global_batch % world:
@@ -549,14 +639,17 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         for m in range(accum):
             sl = slice(m * micro, (m + 1) * micro)
             sync = m == accum - 1 or world == 1
-            ctx = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            if use_fsdp:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
+                task.set_requires_gradient_sync(sync)
+            ctx = model.no_sync() if (world > 1 and not sync and not use_fsdp) else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=use_amp):
                 loss, per_codebook = model(codes[sl], texts[sl], drop)
                 scaler.scale(loss / accum).backward()
             total += float(loss.detach()) / accum
             per_cb += per_codebook.detach().float().cpu() / accum
         scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts["grad_clip"] or float("inf")))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, opts["grad_clip"] or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:
@@ -584,8 +677,9 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             bar.set_postfix(loss=f"{total:.3f}")
         out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
         if done % opts["checkpoint_every"] == 0 or done == steps or out_of_time:
+            state = _fsdp_state(holder, optimizer) if use_fsdp else (holder, optimizer)  # FSDP: every rank gathers
             if rank == 0:
-                save_training_state(ckpt, holder, optimizer, done, cfg.to_dict(),
+                save_training_state(ckpt, *state, done, cfg.to_dict(),
                                     {"losses": history, "options": opts, "conditioner": conditioner, "pattern": pattern,
                                      "tokens": str(tokens), "token_fingerprint": fp})
             if world > 1:

@@ -135,7 +135,7 @@ def test_lm_training_learns_and_logs(tmp_path, token_cache):
     assert out["ema"] is not None
 
 
-def _ddp_worker(rank, world, port, cache, out, queue):
+def _ddp_worker(rank, world, port, cache, out, queue, **kw):
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -147,7 +147,7 @@ def _ddp_worker(rank, world, port, cache, out, queue):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         r = train_lm(out, cache, scale="tiny", lm="tiny", conditioner="learned", steps=4, progress=False,
-                     batch_size=4, cond_dropout=0.0)
+                     batch_size=4, cond_dropout=0.0, **kw)
         if rank == 0:
             queue.put(r["losses"])
     finally:
@@ -175,3 +175,33 @@ def test_ddp_two_processes_match_one(tmp_path, token_cache):
     double = queue.get()
     assert len(double) == 4
     assert double == pytest.approx(single, rel=1e-4, abs=1e-5)
+
+
+def _fsdp_worker(rank, world, port, cache, out, queue):
+    _ddp_worker(rank, world, port, cache, out, queue, fsdp=True, schedule="constant", grad_accum=2)
+
+
+def test_fsdp_two_processes_match_one_and_resume_anywhere(tmp_path, token_cache):
+    """FSDP2 on CPU (gloo): 2 sharded processes follow 1 process; the checkpoint holds full tensors,
+    so one process resumes it and continues as an uninterrupted single run."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from musicgen_lite.training import train_lm
+
+    torch.set_num_threads(1)
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False, batch_size=4, cond_dropout=0.0,
+              schedule="constant", grad_accum=2)
+    single = train_lm(tmp_path / "one", token_cache, steps=6, **kw)["losses"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_fsdp_worker, args=(2, port, str(token_cache), str(tmp_path / "two"), queue), nprocs=2,
+                       start_method="spawn")
+    sharded = queue.get()
+    assert sharded == pytest.approx(single[:4], rel=1e-4, abs=1e-5)
+    rest = train_lm(tmp_path / "two", token_cache, steps=6, **kw)["losses"]  # 1 process picks up at step 4
+    assert rest == pytest.approx(single[4:], rel=1e-4, abs=1e-5)
