@@ -236,3 +236,39 @@ def has_widget_frontend() -> bool:
         return False
     ip = get_ipython()
     return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+# ----------------------------------------------------------------------------- shipped models
+
+def checkpoints_dir():
+    """``data/checkpoints`` of this checkout: the shipped models."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "data" / "checkpoints"
+
+
+def notebook_codec(quiet: bool = False):
+    """The codec the notebooks turn music into tokens with: the shipped lite codec
+    (``data/checkpoints/codec_lite``) when present, else an *untrained* lite codec, with a note.
+
+    Tokens of an untrained codec are still a deterministic function of the audio (an LM can
+    learn them), but they decode to noise: the sounds in a notebook are only meaningful with
+    the trained codec. Returns ``(codec, description)``.
+    """
+    from .codec import CompressionModel, codec_config
+    from .hub import load_codec
+
+    path = checkpoints_dir() / "codec_lite"
+    if (path / "model.safetensors").is_file():
+        import json
+
+        extra = json.loads((path / "config.json").read_text()).get("extra", {})
+        what = f"shipped lite codec ({extra.get('step', '?')} training steps)"
+        codec = load_codec(path)
+    else:
+        torch.manual_seed(0)
+        codec = CompressionModel(codec_config("lite")).eval()
+        what = "UNTRAINED lite codec (no trained codec in data/checkpoints/codec_lite yet): sounds will be noise"
+    if not quiet:
+        print("codec:", what)
+    return codec, what
