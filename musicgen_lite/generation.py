@@ -24,6 +24,17 @@ Durations beyond the model's context (``max_duration``) are generated window by 
 each new window is prompted with the last ``max_duration - extend_stride`` seconds of what
 exists and adds ``extend_stride`` seconds (audiocraft's scheme), so memory stays bounded by
 one window whatever the duration.
+
+``fast=True`` runs the same loop with static shapes (:meth:`MusicGen._sample_window_static`):
+one batch of ``2B`` rows for guidance, a decoding step whose tensors never change shape or
+address (:meth:`MusicLM.decode_step`), sampling on the device from a noise buffer
+(:class:`~musicgen_lite.sampling.NoiseSampler`), and the pattern's bookkeeping (which
+positions to sample, which keep a prompt token or the special token) read from device
+tensors by a step counter that lives on the device too. The host only launches work: on a
+GPU the whole step is captured once in a CUDA graph and replayed (``cuda_graph``); on a CPU
+the same step runs eagerly. Greedy decoding gives the plain loop's tokens; sampling draws
+from the same distribution with other random numbers (same seed, same tokens, within each
+path).
 """
 from __future__ import annotations
 
@@ -161,13 +172,11 @@ class MusicGen(nn.Module):
         return plan
 
     # ------------------------------------------------------------------------ the loop
-    @torch.no_grad()
-    def _sample_window(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
-                       top_k: int, top_p: float, temperature: float, generator, two_pass_cfg: bool,
-                       bar=None, null_cond=None) -> torch.Tensor:
-        """``T`` frames of codes ``[B, K, T]`` in one window; ``prompt[B, K, Tp]`` codes are kept."""
-        lm, pattern, K, special = self.lm, self.pattern, self.lm.config.num_codebooks, self.lm.config.special
-        device = self.device
+    def _start_window(self, T: int, prompt: torch.Tensor | None, B: int):
+        """``(seq[B, K, S + 1], todo[K, S + 1], first, S)`` for a window of ``T`` frames: the
+        special token everywhere but the prompt's tokens, which positions to sample (real
+        tokens not given by the prompt), and the first step to sample (``S + 1``: none)."""
+        pattern, K, special, device = self.pattern, self.lm.config.num_codebooks, self.lm.config.special, self.device
         S = pattern.num_steps(T)
         real = pattern.mask(T, device)  # (K, S + 1): True where a token sits
         seq = torch.full((B, K, S + 1), special, dtype=torch.long, device=device)
@@ -178,6 +187,18 @@ class MusicGen(nn.Module):
             seq.scatter_(2, idx.expand(B, K, Tp), prompt.to(device))
             todo.scatter_(1, idx, False)
         first = int(todo.any(dim=0).nonzero()[0]) if todo.any() else S + 1  # first step to sample
+        return seq, todo, first, S
+
+    @torch.no_grad()
+    def _sample_window(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
+                       top_k: int, top_p: float, temperature: float, generator, two_pass_cfg: bool,
+                       bar=None, null_cond=None, fast: bool = False, cuda_graph: bool | None = None) -> torch.Tensor:
+        """``T`` frames of codes ``[B, K, T]`` in one window; ``prompt[B, K, Tp]`` codes are kept."""
+        if fast:
+            return self._sample_window_static(cond, cond_mask, T, prompt, B, cfg_coef, top_k, top_p, temperature,
+                                              generator, bar, null_cond, cuda_graph)
+        lm, pattern = self.lm, self.pattern
+        seq, todo, first, S = self._start_window(T, prompt, B)
 
         guided = cond is not None and cfg_coef != 1.0
         if guided:
@@ -211,10 +232,72 @@ class MusicGen(nn.Module):
         return pattern.revert(seq, T)  # (B, K, T)
 
     @torch.no_grad()
+    def _sample_window_static(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
+                              top_k: int, top_p: float, temperature: float, generator, bar=None, null_cond=None,
+                              cuda_graph: bool | None = None) -> torch.Tensor:
+        """:meth:`_sample_window` with a static-shape step: no host sync inside the loop, and on
+        CUDA one captured graph replayed per step (``cuda_graph=None``: when on CUDA).
+
+        State on the device: ``seq[B, K, S + 1]`` (written in place), ``todo[K, S + 1]`` (where
+        to sample), ``step`` ``(1,)`` (the step being predicted; the step's input is
+        ``seq[..., step - 1]`` at cache position ``P + step - 1``, ``P`` the condition prefix),
+        the KV cache and the sampler's noise. One call of ``decode()`` reads them, writes the
+        sampled tokens and adds one to ``step``: replaying it ``S - first`` times is the loop.
+        """
+        lm, K, device = self.lm, self.lm.config.num_codebooks, self.device
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda"
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        seq, todo, first, S = self._start_window(T, prompt, B)
+        if first > S:  # the prompt fills the window
+            return self.pattern.revert(seq, T)
+        guided = cond is not None and cfg_coef != 1.0
+        if guided:  # one batch: conditions, then null conditions
+            null, null_mask = null_cond if null_cond is not None else self.null_condition(cond, cond_mask)
+            cond, cond_mask = torch.cat([cond, null]), torch.cat([cond_mask, null_mask])
+        rows = 2 * B if guided else B
+        P = cond.shape[1] if cond is not None and lm.config.condition_mode == "prepend" else 0  # prefix length
+        cache = lm.new_cache(rows, -(-(P + S) // 8) * 8)  # a multiple of 8: aligned rows for fused attention
+        lm.positions(cache.max_len, device)  # the position table, before any capture
+        sampler = sampling.NoiseSampler((B, K), lm.config.bins, temperature, top_k, top_p, generator, device)
+        step = torch.tensor([first], device=device)  # (1,) the step being predicted
+
+        def commit(logits: torch.Tensor) -> None:  # (rows, K, bins) -> tokens of `step` in seq; step += 1
+            logits = logits.float()
+            if guided:
+                logits = sampling.cfg_from_batch(logits, cfg_coef)  # (B, K, bins)
+            tokens = sampler(logits)  # (B, K)
+            keep = todo.index_select(1, step).view(1, K)  # sample here, or keep the prompt / special token
+            old = seq.index_select(2, step).view(B, K)
+            seq.index_copy_(2, step, torch.where(keep, tokens, old).unsqueeze(-1))
+            step.add_(1)
+
+        def decode() -> None:  # one step, static shapes: what the CUDA graph captures
+            x = seq.index_select(2, step - 1)  # (B, K, 1) the previous step's tokens
+            commit(lm.decode_step(torch.cat([x, x]) if guided else x, step + (P - 1), cache))
+
+        # prefill: the condition and every step before `first` (start token, prompt) in one forward
+        x = seq[..., :first]
+        sampler.refill()
+        commit(lm(torch.cat([x, x]) if guided else x, cond, cond_mask, cache=cache, last_only=True)[:, :, -1])
+        if bar is not None:
+            bar.update(first)
+        n = S - first  # steps left
+        run = _capture(decode, step, warmup=min(2, n)) if cuda_graph and n > 0 else decode
+        for _ in range(n):
+            sampler.refill()  # outside the graph: the generator advances in eager mode
+            run()
+            if bar is not None:
+                bar.update(1)
+        return self.pattern.revert(seq, T)  # (B, K, T)
+
+    @torch.no_grad()
     def generate_codes(self, descriptions=None, duration: float = 10.0, prompt_codes: torch.Tensor | None = None,
                        cfg_coef: float = 3.0, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0,
                        seed: int | None = None, num_samples: int | None = None, two_pass_cfg: bool = False,
-                       progress: bool = True, melody=None, melody_sample_rate: int | None = None) -> torch.Tensor:
+                       progress: bool = True, melody=None, melody_sample_rate: int | None = None,
+                       fast: bool = False, cuda_graph: bool | None = None) -> torch.Tensor:
         """Tokens for ``duration`` seconds: ``codes[B, K, T]`` (the prompt included when given).
 
         ``descriptions``: list of texts (``""`` / None: unconditional rows); None with
@@ -222,7 +305,12 @@ class MusicGen(nn.Module):
         ``melody`` (melody models): tensors as :meth:`MelodyConditioner.prepare` takes them, at
         ``melody_sample_rate`` Hz, one per row or one for all rows; each window beyond the first
         reads the (looping) melody from the time it starts. See :meth:`generate_with_chroma`.
+        ``fast``: the static-shape loop (one CFG batch, sampling on the device, a CUDA graph on
+        a GPU: ``cuda_graph=None`` decides by the device); greedy gives the same tokens as the
+        plain loop, sampling other draws from the same distribution.
         """
+        if fast and two_pass_cfg:
+            raise ValueError("fast=True runs guidance as one batch of 2B rows; pass two_pass_cfg=False")
         if descriptions is None:
             descriptions = [None] * (num_samples or (prompt_codes.shape[0] if prompt_codes is not None else 1))
         if isinstance(descriptions, str):
@@ -253,7 +341,7 @@ class MusicGen(nn.Module):
         cond, cond_mask = self.condition(descriptions, melody)
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         opts = dict(B=B, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
-                    generator=generator, two_pass_cfg=two_pass_cfg,
+                    generator=generator, two_pass_cfg=two_pass_cfg, fast=fast, cuda_graph=cuda_graph,
                     null_cond=self.null_condition(cond, cond_mask) if cond is not None else None)
 
         plan = self.plan_windows(T, Tp)
@@ -363,6 +451,29 @@ class MusicGen(nn.Module):
         return self.generate(descriptions, duration, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p,
                              temperature=temperature, seed=seed, melody=melody_wavs,
                              melody_sample_rate=melody_sample_rate, **kw)
+
+
+def _capture(fn, step: torch.Tensor, warmup: int = 2):
+    """Capture ``fn()`` (one decoding step) in a CUDA graph; returns its ``replay``.
+
+    ``fn`` runs ``warmup`` times first on a side stream (lazy initialisation, kernel choice,
+    as PyTorch asks), which advances ``step`` and writes the next positions of the cache and
+    the sequence; ``step`` is put back afterwards, and the replays overwrite those positions
+    before anything reads them (a step writes its cache row before attending to it, and its
+    tokens before the next step reads them).
+    """
+    saved = step.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    step.copy_(saved)
+    return graph.replay
 
 
 # ----------------------------------------------------------------------- transformers port

@@ -28,6 +28,11 @@ once for the whole length (no concatenation per step), and the cross-attention k
 values of the condition are computed once per generation, at the first step; in prepend
 mode the prefix is read once, at the first step, and stays in the cache like any position.
 
+:meth:`MusicLM.decode_step` is the same decoding step with *static shapes*, for CUDA graphs:
+the write position is a device tensor (``index_copy_`` into the cache), attention reads the
+whole cache with a mask built from that tensor, so no shape, address or Python number
+changes from one step to the next and one captured graph replays every step.
+
 Sizes (:func:`lm_config`): ``tiny`` (tests, CI), ``lite`` (a laptop CPU), and MusicGen's
 ``small`` (1024 x 24 layers x 16 heads, ffn 4096, ~300M parameters), ``medium`` (1536 x 48
 x 24) and ``large`` (2048 x 48 x 32); ``full`` is ``small``.
@@ -185,11 +190,17 @@ class SelfAttention(nn.Module):
         self.proj = Linear(config.dim, config.dim)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                static: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
         mask, causal = None, True
-        if cache is not None:
+        if static is not None:  # static shapes (MusicLM.decode_step): S = 1, written at a device position
+            pos, visible = static  # (1,) long; (1, 1, 1, max_len) bool: positions <= pos
+            cache.self_k[layer].index_copy_(2, pos, k)
+            cache.self_v[layer].index_copy_(2, pos, v)
+            k, v, mask, causal = cache.self_k[layer], cache.self_v[layer], visible, False  # (B, H, max_len, hd)
+        elif cache is not None:
             p = cache.pos
             if p + S > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} positions; {p} used, {S} more asked")
@@ -246,8 +257,8 @@ class Block(nn.Module):
         self.fc2 = Linear(config.ffn_dim, config.dim)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cross_kv=None, mask=None, gate=None, cache=None, layer=0):
-        x = x + self.dropout(self.attn(self.norm1(x), cache, layer))
+    def forward(self, x, cross_kv=None, mask=None, gate=None, cache=None, layer=0, static=None):
+        x = x + self.dropout(self.attn(self.norm1(x), cache, layer, static))
         if cross_kv is not None:
             x = x + self.dropout(self.cross(self.norm_cross(x), *cross_kv, mask, gate))
         return x + self.dropout(self.fc2(F.gelu(self.fc1(self.norm2(x)))))
@@ -359,6 +370,36 @@ class MusicLM(nn.Module):
             cache.pos += n
         x = self.out_norm(x[:, -1:] if last_only else x[:, prefix:])  # token positions only
         return torch.stack([head(x) for head in self.heads], dim=1)  # (B, K, S, bins)
+
+    def decode_step(self, seq: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step with static shapes: ``seq[B, K, 1]`` at cache position ``pos`` -> ``logits[B, K, bins]``.
+
+        The same computation as ``forward(seq, cache=cache, last_only=True)[:, :, -1]`` after a
+        prefill, written so that it can be captured once in a CUDA graph and replayed for every
+        step: ``pos`` is a ``(1,)`` long tensor on the model's device (not ``cache.pos``), the
+        keys and values go to ``cache`` with ``index_copy_``, and attention reads all
+        ``cache.max_len`` positions with a mask ``position <= pos`` (the rest is zeros or stale,
+        and masked). Nothing here reads a tensor's value on the host. The caller advances
+        ``pos`` (``cache.pos`` is left alone) and must have filled the condition (the
+        cross-attention keys and values, or the prepended prefix) with an ordinary cached
+        forward first: the prefill.
+        """
+        cfg = self.config
+        if seq.dim() != 3 or seq.shape[1:] != (cfg.num_codebooks, 1):
+            raise ValueError(f"seq must be [B, K={cfg.num_codebooks}, 1], got {list(seq.shape)}")
+        if seq.shape[0] != cache.batch:
+            raise ValueError(f"seq has {seq.shape[0]} rows, the cache {cache.batch}")
+        x = sum(self.emb[k](seq[:, k]) for k in range(cfg.num_codebooks))  # (B, 1, D)
+        x = x + self.positions(cache.max_len, seq.device).index_select(0, pos).to(x.dtype)  # + (1, D)
+        positions = torch.arange(cache.max_len, device=seq.device)
+        visible = (positions <= pos).view(1, 1, 1, cache.max_len)  # this step sees the prefix and itself
+        cross, mask, gate = [None] * cfg.num_layers, None, None
+        if cfg.has_cross_attention and cache.cross[0] is not None:
+            cross, mask, gate = cache.cross, cache.cross_mask, cache.cross_gate
+        for i, block in enumerate(self.blocks):
+            x = block(x, cross[i], mask, gate, cache, i, static=(pos, visible))
+        x = self.out_norm(x)
+        return torch.stack([head(x[:, 0]) for head in self.heads], dim=1)  # (B, K, bins)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` positions."""

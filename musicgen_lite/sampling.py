@@ -12,6 +12,13 @@ conditional prediction away from the unconditional one::
 Two ways to get both predictions: *one batch* of ``2B`` rows (conditions then null
 conditions; one forward, what MusicGen does) or *two passes* of B rows each (half the peak
 activation memory, twice the weight reads).
+
+Sampling on the device without waiting for it (:class:`NoiseSampler`, what fast generation
+uses): ``torch.multinomial`` draws from a distribution; the *Gumbel-max trick* gets the same
+draw from an argmax, ``argmax_i(logits_i - log E_i)`` with ``E_i ~ Exponential(1)`` picks
+``i`` with probability ``softmax(logits)_i``. The noise ``E`` is drawn into a buffer that
+stays in place, and every other operation (top-k, sort, argmax) keeps its shapes, so a
+sampling step can run inside a captured CUDA graph and never asks the host for a number.
 """
 from __future__ import annotations
 
@@ -86,3 +93,68 @@ def cfg_two_pass(model, seq, cond, cond_mask, null_cond, null_mask, cfg_coef: fl
     cond_logits = model(seq, cond, cond_mask, cache=caches[0], **kw)
     uncond_logits = model(seq, null_cond, null_mask, cache=caches[1], **kw)
     return cfg(cond_logits, uncond_logits, cfg_coef)
+
+
+# ------------------------------------------------------------------- on the device, no host sync
+
+def num_candidates(bins: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0) -> int:
+    """How many tokens :func:`sample_with_noise` draws among: 0 when greedy (no noise needed),
+    ``bins`` with top-p (the whole sorted vocabulary) or no filter, ``top_k`` with top-k."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0 or top_k == 1:
+        return 0
+    if 0 < top_p < 1:
+        return bins
+    return top_k if 0 < top_k < bins else bins
+
+
+def sample_with_noise(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 0.0) -> torch.Tensor:
+    """``logits[..., bins]`` and ``noise[..., n]`` ~ Exponential(1) -> token ids ``[...]``, no host sync.
+
+    The same distribution as :func:`sample_next` (temperature, then top-p, which wins, or
+    top-k), drawn by the Gumbel-max trick among ``n =`` :func:`num_candidates` candidates:
+    the top-k logits (:func:`torch.topk`), or the whole vocabulary sorted (top-p: those ranked
+    after the nucleus get ``-inf``), or the raw logits. Greedy (``temperature == 0`` or
+    ``top_k == 1``): the argmax, ``noise`` unused (None is fine).
+    """
+    bins = logits.shape[-1]
+    n = num_candidates(bins, temperature, top_k, top_p)
+    if n == 0:
+        return logits.argmax(dim=-1)
+    if noise is None or noise.shape[-1] != n:
+        raise ValueError(f"noise must end in {n} candidates, got {None if noise is None else list(noise.shape)}")
+    logits = logits.float() / temperature
+    gumbel = -noise.log()  # (..., n): argmax(logits + gumbel) ~ softmax(logits)
+    if 0 < top_p < 1:
+        ranked, order = logits.sort(dim=-1, descending=True)  # (..., bins)
+        probs = ranked.softmax(dim=-1)
+        ranked = ranked.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))  # outside the nucleus
+        return order.gather(-1, (ranked + gumbel).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    if n < bins:
+        values, idx = logits.topk(n, dim=-1)  # (..., k)
+        return idx.gather(-1, (values + gumbel).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    return (logits + gumbel).argmax(dim=-1)
+
+
+class NoiseSampler:
+    """:func:`sample_with_noise` with its noise buffer: ``refill()`` then ``sampler(logits[*shape, bins])``.
+
+    ``refill()`` draws fresh Exponential(1) noise in place (one kernel, with ``generator``:
+    seeded, the same tokens every run); call it before each step, outside a captured graph,
+    so that the graph only reads the buffer. ``__call__`` never syncs with the host.
+    """
+
+    def __init__(self, shape: tuple[int, ...], bins: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 0.0, generator: torch.Generator | None = None, device=None):
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+        n = num_candidates(bins, temperature, top_k, top_p)
+        self.noise = torch.ones(*shape, n, device=device) if n else None  # (*shape, n)
+
+    def refill(self) -> None:
+        if self.noise is not None:
+            self.noise.exponential_(generator=self.generator)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return sample_with_noise(logits, self.noise, self.temperature, self.top_k, self.top_p)

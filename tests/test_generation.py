@@ -50,6 +50,9 @@ def hf_musicgen():
     torch.manual_seed(0)
     hf = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5.config, audio_encoder=enc, decoder=dec)).eval()
     hf.text_encoder.load_state_dict(t5.state_dict())
+    with torch.no_grad():  # transformers starts the codebooks at zero: every code would decode alike
+        for layer in hf.audio_encoder.quantizer.layers:
+            layer.codebook.embed.normal_()
     hf.generation_config.decoder_start_token_id = V
     hf.generation_config.pad_token_id = V
     return hf, tok
@@ -72,11 +75,13 @@ def test_greedy_tokens_and_audio_equal_transformers_generate(hf_musicgen):
             T = 20 - (K - 1)  # 20 steps after the start token: T + K - 1 with the delay pattern
             codes = ours.generate_codes(texts, duration=T / 500, cfg_coef=g, top_k=1, progress=False)
             assert torch.equal(codes, seen[-1]), f"tokens differ at cfg {g}"
-            torch.testing.assert_close(ours.codec.decode(codes), wav_hf)
-            results[g] = codes
+            wav = ours.codec.decode(codes)
+            torch.testing.assert_close(wav, wav_hf)
+            results[g] = codes, wav
     finally:
         hf.audio_encoder.decode = decode
-    assert not torch.equal(results[1.0], results[3.0])  # guidance really changed the choice
+    assert not torch.equal(results[1.0][0], results[3.0][0])  # guidance really changed the choice
+    assert (results[1.0][1] - results[3.0][1]).abs().max() > 1e-2  # and other codes sound different
 
 
 def test_codec_adapter_round_trip_matches_transformers(hf_musicgen):
