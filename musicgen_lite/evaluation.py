@@ -450,7 +450,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{label:<{width}}" + "".join(f"{_fmt(v):>11}" for v in values))
     s = result.get("setup", {})
     lines.append("")
-    lines.append(f"{s.get('n')} clips of {s.get('duration')} s from {s.get('captions')}; "
+    lines.append(f"{s.get('n')} clips of {s.get('duration')} s from {Path(str(s.get('captions'))).name}; "
                  f"real = held-out audio (FAD: half vs half), shuffled = real audio with another clip's caption")
     models = {result["fad"]["embedder"], result["clap"]["model"]}
     if result.get("chroma_cosine"):

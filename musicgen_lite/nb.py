@@ -99,6 +99,7 @@ def setup(seed: int = 0, scale: str | None = None, quiet: bool = False) -> Noteb
                       ci=bool(os.environ.get("CI")), config=get_config(name))
     seed_everything(seed)
     _configure_matplotlib()
+    _quiet_libraries()
     if not quiet:
         print(env.summary())
     return env
@@ -155,6 +156,16 @@ def play(wav, sample_rate: int, caption: str | None = None, max_rate: int | None
 
 
 # ----------------------------------------------------------------------------------- plots
+
+def _quiet_libraries() -> None:
+    """No weight-loading progress bars from transformers (they store as empty widgets)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # transformers missing or a different version: nothing to quiet
+        pass
+
 
 def _configure_matplotlib() -> None:
     import matplotlib
