@@ -188,11 +188,14 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     codec = load_codec(args.codec)
-    out = build_token_cache(args.data, codec, out=args.out)
+    out = build_token_cache(args.data, codec, out=args.out, chroma=True if args.chroma else None)
     ds = TokenDataset(out)
     frames = sum(c["frames"] for c in ds.clips)
+    chroma = ds.chroma_settings
+    melody = (f"; melody chroma from {chroma['from_stem']} stems and {chroma['from_mix']} mixes" if chroma
+              else "; no melody chroma (no stems; --chroma takes it from the mix)")
     print(f"{out}: {len(ds.clips)} clips, {frames} frames x {codec.num_codebooks} codebooks "
-          f"({frames / codec.frame_rate / 60:.1f} min of audio)")
+          f"({frames / codec.frame_rate / 60:.1f} min of audio){melody}")
     return 0
 
 
@@ -205,7 +208,7 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
     extra = {"batch_size": args.batch_size} if args.batch_size else {}
     result = train_lm(args.out, args.tokens, scale=args.scale, lm=args.lm or args.scale if args.scale != "full" else "small",
                       conditioner=None if args.conditioner == "none" else args.conditioner, steps=args.steps,
-                      resume=not args.fresh, seed=args.seed,
+                      resume=not args.fresh, seed=args.seed, melody=args.melody,
                       max_seconds=args.max_minutes * 60 if args.max_minutes else None, **extra)
     print(json.dumps({k: v for k, v in result.items() if k not in ("model", "ema", "losses")}, indent=1, default=str))
     return 0
@@ -260,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--scale", choices=["tiny", "lite", "full"], default="lite", help="recipe preset")
     tl.add_argument("--lm", default=None, help="LM preset: tiny | lite | small | medium | large (default: the scale)")
     tl.add_argument("--conditioner", choices=["learned", "minilm", "t5", "none"], default="learned")
+    tl.add_argument("--melody", action="store_true",
+                    help="train MusicGen-melody: chroma prefix from the token cache (tokenize a dataset with stems)")
     tl.add_argument("--steps", type=int, default=1000)
     tl.add_argument("--batch-size", type=int, default=None, help="global batch (split over torchrun processes)")
     tl.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
@@ -280,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("data", help="dataset folder with data.jsonl")
     tok.add_argument("--codec", required=True, help="codec checkpoint folder (model.safetensors + config.json)")
     tok.add_argument("--out", default=None, help="cache folder (default DATA/tokens)")
+    tok.add_argument("--chroma", action="store_true",
+                     help="store melody chroma even without stems (from the mix; default: only when stems exist)")
     tok.add_argument("--threads", type=int, default=2)
     tok.set_defaults(func=_cmd_tokenize)
 

@@ -209,6 +209,16 @@ MUSICGEN_FORMAT = "musicgen-lite/musicgen"
 _FROZEN_PREFIXES = {"t5": "t5.", "minilm": "encoder."}
 
 
+def melody_spec(melody) -> dict:
+    """What rebuilds a :class:`~musicgen_lite.conditioning.MelodyConditioner` (with ``output_dim``):
+    ``{"sample_rate", "n_chroma", "radix2_exp", "argmax", "length"}``, JSON-able."""
+    import math
+
+    return {"sample_rate": int(melody.sample_rate), "n_chroma": int(melody.n_chroma),
+            "radix2_exp": int(round(math.log2(melody.chroma.n_fft))), "argmax": bool(melody.chroma.argmax),
+            "length": int(melody.length)}
+
+
 def default_model_path() -> Path:
     """Where the shipped default text-to-music model lives (``data/checkpoints/musicgen_lite``)."""
     return Path(__file__).resolve().parent.parent / "data" / "checkpoints" / "musicgen_lite"
@@ -223,6 +233,10 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
     it is reloaded from its own package) and ``config.json`` (the LM config, the pattern, the
     conditioner's ``{"name", "kwargs"}`` as for :func:`~musicgen_lite.conditioning.get_conditioner`,
     and ``extra``). ``dtype`` casts floating tensors (e.g. fp16 for shipping).
+
+    A melody model (``model.melody_conditioner``) also stores its chroma settings
+    (``config["melody"]``, :func:`melody_spec`) and its projection (``melody_conditioner.proj.*``;
+    the STFT window and chroma filters are rebuilt from the settings, never cast to fp16).
     """
     from .codec import CompressionModel
 
@@ -238,8 +252,12 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
         frozen = _FROZEN_PREFIXES.get(conditioner["name"])
         state.update({f"conditioner.{k}": v for k, v in model.conditioner.state_dict().items()
                       if not (frozen and k.startswith(frozen))})
+    melody = getattr(model, "melody_conditioner", None)
+    if melody is not None:  # its learned weights only: the STFT window and filterbank are rebuilt exactly
+        state.update({f"melody_conditioner.{k}": v for k, v in melody.named_parameters()})
     config = {"format": MUSICGEN_FORMAT, "lm": model.lm.config.to_dict(), "pattern": model.pattern.name,
-              "conditioner": conditioner, "max_duration": model.max_duration, "extend_stride": model.extend_stride}
+              "conditioner": conditioner, "max_duration": model.max_duration, "extend_stride": model.extend_stride,
+              "melody": melody_spec(melody) if melody is not None else None}
     return save_checkpoint(path, state, config, extra, dtype=dtype)
 
 
@@ -249,7 +267,7 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
     ``path=None`` loads the shipped default (:func:`default_model_path`). Weights stored in
     fp16 come back as fp32. The model is returned in eval mode.
     """
-    from .conditioning import get_conditioner
+    from .conditioning import MelodyConditioner, get_conditioner
     from .generation import MusicGen
     from .lm import LMConfig, MusicLM
 
@@ -277,8 +295,18 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
         if missing or unexpected:
             raise ValueError(f"{path}: conditioner weights do not match (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
+    melody = None
+    if config.get("melody"):
+        melody = MelodyConditioner(output_dim=lm.config.dim, **config["melody"])
+        melody_state = {k[len("melody_conditioner."):]: v.float() if v.is_floating_point() else v
+                        for k, v in state.items() if k.startswith("melody_conditioner.")}
+        missing, unexpected = melody.load_state_dict(melody_state, strict=False)
+        missing = [k for k in missing if k in dict(melody.named_parameters())]  # buffers are rebuilt
+        if missing or unexpected:
+            raise ValueError(f"{path}: melody conditioner weights do not match (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
     model = MusicGen(codec, lm, conditioner, config.get("pattern", "delay"), config.get("max_duration", 30.0),
-                     config.get("extend_stride", 18.0))
+                     config.get("extend_stride", 18.0), melody_conditioner=melody)
     return model.to(device).eval()
 
 

@@ -431,8 +431,13 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
     The folder is what :func:`musicgen_lite.hub.load_musicgen` and ``musicgen-lite generate``
     read. EMA weights are used when the run kept them (``use_ema``). Checks that the run's
     token cache was made by this codec (the fingerprint stored at training time).
+
+    A melody run (``train_lm(..., melody=True)``) exports its
+    :class:`~musicgen_lite.conditioning.MelodyConditioner` too, and the model's context
+    (``max_duration``) is the training segment (``extend_stride`` 60% of it, MusicGen's 18 s of
+    30 s), so that every generated window is as long as the chroma prefix the model learned.
     """
-    from .conditioning import get_conditioner
+    from .conditioning import MelodyConditioner, get_conditioner
     from .data.dataset import codec_fingerprint
     from .generation import MusicGen
     from .hub import load_codec, save_musicgen
@@ -452,7 +457,13 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
     if conditioner is not None:
         conditioner.load_state_dict({k[len("conditioner."):]: v for k, v in state.items()
                                      if k.startswith("conditioner.")})
-    model = MusicGen(codec, lm, conditioner, meta.get("pattern", "delay"))
+    melody, window = None, {}
+    if meta.get("melody"):
+        melody = MelodyConditioner(output_dim=lm.config.dim, **meta["melody"])
+        melody.load_state_dict({k[len("melody."):]: v for k, v in state.items() if k.startswith("melody.")})
+        seconds = float(meta["options"]["segment_seconds"])
+        window = {"max_duration": seconds, "extend_stride": 0.6 * seconds}
+    model = MusicGen(codec, lm, conditioner, meta.get("pattern", "delay"), melody_conditioner=melody, **window)
     info = {"step": meta.get("step"), "options": meta.get("options"), "tokens": meta.get("tokens"),
             "weights": "ema" if prefix == "model.ema." else "raw", **(extra or {})}
     return save_musicgen(model, out_dir, {"name": name, "kwargs": {}} if name else None, info, dtype=dtype)
@@ -464,12 +475,18 @@ def lm_train_options(scale: str) -> dict:
     """The LM recipe per scale (AdamW 0.9/0.95, weight decay 0.1, warmup + cosine, as MusicGen)."""
     base = dict(batch_size=16, segment_seconds=10.0, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup=200,
                 schedule="cosine", grad_clip=1.0, grad_accum=1, ema_decay=None, cond_dropout=0.3, amp="bf16",
-                log_every=25, checkpoint_every=250, fsdp=None)
+                log_every=25, checkpoint_every=250, fsdp=None, melody_dropout=0.0)
     if scale == "tiny":
         base.update(batch_size=4, segment_seconds=1.0, lr=3e-3, warmup=5, log_every=5, checkpoint_every=50)
     elif scale == "full":  # musicgen-small: global batch 192 x 30 s, lr 1e-4 (run with torchrun on GPUs)
         base.update(batch_size=192, segment_seconds=30.0, lr=1e-4, warmup=4000, checkpoint_every=2000)
     return base
+
+
+# MusicGen-melody's recipe on top (audiocraft's chroma2music conditioner config): guidance dropout
+# of every condition at once 0.2 (text models: 0.3), plus the melody alone dropped on half the
+# batches, so the model also learns text-only music and does not lean on the melody for everything.
+MELODY_TRAIN_OPTIONS = dict(cond_dropout=0.2, melody_dropout=0.5)
 
 
 def _shard(task: "LMTask", opts: dict) -> None:
@@ -499,26 +516,47 @@ def _shard(task: "LMTask", opts: dict) -> None:
 
 
 class LMTask(torch.nn.Module):
-    """The LM and its text conditioner as one module: ``forward(codes, texts, drop) -> (loss, per_codebook)``.
+    """The LM and its conditioners as one module: ``forward(codes, texts, drop) -> (loss, per_codebook)``.
 
     One module so that DDP sees every trainable weight in one forward. A dropped condition
     (classifier-free guidance training) keeps the conditioner in the graph with a zero mask,
     so every parameter gets a gradient (zero) on every rank.
+
+    MusicGen-melody (``melody``: a :class:`~musicgen_lite.conditioning.MelodyConditioner`, the
+    LM in ``condition_mode="prepend"``): ``forward(codes, texts, drop, chroma, drop_melody)``
+    with ``chroma[B, Lc, n_chroma]`` from the token cache; the condition is
+    ``[projected chroma | text states]``, as :meth:`~musicgen_lite.generation.MusicGen.condition`
+    builds it at generation. ``drop`` (guidance) nulls both, as the null rows at generation do:
+    the null melody (the chroma of silence) and zero text states; ``drop_melody`` nulls the
+    melody alone. A null melody still goes through the projection, so it too gets a gradient.
     """
 
-    def __init__(self, lm, conditioner=None, pattern="delay"):
+    def __init__(self, lm, conditioner=None, pattern="delay", melody=None):
         super().__init__()
         from .patterns import get_pattern
 
-        self.lm, self.conditioner = lm, conditioner
+        self.lm, self.conditioner, self.melody = lm, conditioner, melody
         self.pattern = get_pattern(pattern, lm.config.num_codebooks) if isinstance(pattern, str) else pattern
 
-    def forward(self, codes: torch.Tensor, texts=None, drop: bool = False):
+    def forward(self, codes: torch.Tensor, texts=None, drop: bool = False, chroma: torch.Tensor | None = None,
+                drop_melody: bool = False):
         cond = mask = None
         if self.conditioner is not None:
             cond, mask = self.conditioner(list(texts))
             if drop:
                 cond, mask = cond * 0, torch.zeros_like(mask)
+        if self.melody is not None:
+            if chroma is None or chroma.dim() != 3 or chroma.shape[0] != codes.shape[0]:
+                raise ValueError(f"a melody LMTask needs chroma [B={codes.shape[0]}, Lc, n_chroma], got "
+                                 f"{None if chroma is None else list(chroma.shape)}")
+            if drop or drop_melody:
+                chroma = self.melody.null_chroma(chroma.shape[0], chroma.shape[1]).to(chroma.device)
+            emb, emb_mask = self.melody.project(chroma)  # (B, Lc, D), (B, Lc) all ones
+            if cond is None:
+                cond, mask = emb, emb_mask
+            else:
+                cond = torch.cat([emb, cond.to(emb.dtype)], dim=1)  # (B, Lc + L, D): [chroma | text]
+                mask = torch.cat([emb_mask, mask.to(emb_mask.dtype)], dim=1)
         return self.lm.compute_loss(codes, self.pattern, cond, mask)
 
 
@@ -539,7 +577,7 @@ def _dist() -> tuple[int, int]:
 
 def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str | None = "learned", steps: int = 1000,
              resume: bool = True, seed: int = 0, device: str | None = None, progress: bool = True,
-             max_seconds: float | None = None, pattern: str = "delay", **options) -> dict:
+             max_seconds: float | None = None, pattern: str = "delay", melody: bool = False, **options) -> dict:
     """Train a text-conditioned :class:`~musicgen_lite.lm.MusicLM` on a token cache; resumable.
 
     Args:
@@ -549,6 +587,14 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         lm: an LM preset name (``tiny`` | ``lite`` | ``small`` ...) or an ``LMConfig``; the
             number of codebooks and bins come from the token cache.
         conditioner: ``"learned"`` | ``"minilm"`` | ``"t5"`` | None (unconditional).
+        melody: train MusicGen-melody: the LM in ``condition_mode="prepend"`` reads
+            ``[chroma | text | tokens]``, the chroma (a
+            :class:`~musicgen_lite.conditioning.MelodyConditioner` prefix of ``Lc`` frames, the
+            segment's length in chroma frames) from the token cache, which must hold it
+            (``build_token_cache(..., chroma=True)``, or a dataset with melody stems). Its recipe
+            adds :data:`MELODY_TRAIN_OPTIONS`: ``cond_dropout`` 0.2 (drops text and melody
+            together, as the null rows of guidance) and ``melody_dropout`` 0.5 (the null melody
+            alone), both drawn per batch from ``(seed, step)``.
         **options: override the recipe (``batch_size`` is the *global* batch, split over
             processes under torchrun; ``grad_accum`` micro-batches per process and step).
 
@@ -561,22 +607,33 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     """
     from dataclasses import replace
 
-    from .conditioning import get_conditioner
+    from .conditioning import MelodyConditioner, get_conditioner
     from .data.dataset import TokenDataset
+    from .hub import melody_spec
     from .lm import LMConfig, MusicLM, lm_config
 
     rank, world = _dist()
-    opts = dict(lm_train_options(scale), **options)
+    opts = lm_train_options(scale)
+    if melody:
+        opts.update(MELODY_TRAIN_OPTIONS)
+    opts.update(options)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", rank % torch.cuda.device_count())
-    data = TokenDataset(tokens, random_segments=True, seed=seed,
-                        segment_frames=max(1, round(opts["segment_seconds"] * TokenDataset(tokens).fingerprint["frame_rate"])))
+    segment_frames = max(1, round(opts["segment_seconds"] * TokenDataset(tokens).fingerprint["frame_rate"]))
+    data = TokenDataset(tokens, random_segments=True, seed=seed, segment_frames=segment_frames, chroma=melody)
     fp = data.fingerprint
     cfg = lm_config(lm) if isinstance(lm, str) else lm
-    cfg = replace(cfg, num_codebooks=fp["num_codebooks"], bins=fp["cardinality"], cross_attention=conditioner is not None)
+    cfg = replace(cfg, num_codebooks=fp["num_codebooks"], bins=fp["cardinality"],
+                  cross_attention=conditioner is not None, **({"condition_mode": "prepend"} if melody else {}))
     torch.manual_seed(seed)
-    task = LMTask(MusicLM(cfg), get_conditioner(conditioner, cfg.dim) if conditioner else None, pattern).to(device)
+    lm_module, text = MusicLM(cfg), get_conditioner(conditioner, cfg.dim) if conditioner else None
+    melody_cond = None
+    if melody:  # the prefix: one row per chroma frame of a training segment, as generation will give it
+        settings = data.chroma_settings  # the cache's chroma: generation must compute the same
+        melody_cond = MelodyConditioner(fp["sample_rate"], cfg.dim, length=data.chroma_frames(segment_frames),
+                                        n_chroma=settings["n_chroma"], radix2_exp=settings["radix2_exp"], argmax=True)
+    task = LMTask(lm_module, text, pattern, melody=melody_cond).to(device)
     use_fsdp = world > 1 and (opts["fsdp"] if opts["fsdp"] is not None else scale == "full")
     if use_fsdp:
         _shard(task, opts)
@@ -627,12 +684,14 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         # The whole global batch and the guidance dropout come from (seed, step): resumable, rank-agnostic.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = torch.randint(len(data), (global_batch,), generator=gen)[rank * local:(rank + 1) * local]
-        drop = bool(torch.rand((), generator=gen) < opts["cond_dropout"]) and conditioner is not None
+        drop = bool(torch.rand((), generator=gen) < opts["cond_dropout"]) and (conditioner is not None or melody)
+        drop_melody = melody and bool(torch.rand((), generator=gen) < opts["melody_dropout"])
         data.set_epoch(step)
         torch.manual_seed(seed + step)  # dropout inside the model, if any
         items = [data[int(i)] for i in idx]
         codes = torch.stack([c for c, _ in items]).to(device)  # (b, K, T)
         texts = [info.get("description", "") for _, info in items]
+        chroma = torch.stack([info["chroma"] for _, info in items]).to(device) if melody else None  # (b, Lc, C)
         optimizer.zero_grad(set_to_none=True)
         total, per_cb = 0.0, torch.zeros(cfg.num_codebooks)
         micro = local // accum
@@ -643,7 +702,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
                 task.set_requires_gradient_sync(sync)
             ctx = model.no_sync() if (world > 1 and not sync and not use_fsdp) else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=use_amp):
-                loss, per_codebook = model(codes[sl], texts[sl], drop)
+                melody_args = (chroma[sl], drop_melody) if melody else ()
+                loss, per_codebook = model(codes[sl], texts[sl], drop, *melody_args)
                 scaler.scale(loss / accum).backward()
             total += float(loss.detach()) / accum
             per_cb += per_codebook.detach().float().cpu() / accum
@@ -668,7 +728,7 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         if rank == 0 and (done % opts["log_every"] == 0 or done == steps):
             elapsed = time.perf_counter() - t0
             row = {"step": done, "lr": lr, "loss": total, "per_codebook": [round(float(v), 4) for v in per_cb],
-                   "grad_norm": grad_norm, "cond_dropped": drop,
+                   "grad_norm": grad_norm, "cond_dropped": drop, **({"melody_dropped": drop_melody} if melody else {}),
                    "tokens_per_s": round(len(losses) * global_batch * codes.shape[1] * codes.shape[2] / max(elapsed, 1e-9)),
                    "seconds": round(elapsed, 1)}
             rows.append(row)
@@ -681,7 +741,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             if rank == 0:
                 save_training_state(ckpt, *state, done, cfg.to_dict(),
                                     {"losses": history, "options": opts, "conditioner": conditioner, "pattern": pattern,
-                                     "tokens": str(tokens), "token_fingerprint": fp})
+                                     "tokens": str(tokens), "token_fingerprint": fp,
+                                     "melody": melody_spec(melody_cond) if melody_cond is not None else None})
             if world > 1:
                 import torch.distributed as dist
 

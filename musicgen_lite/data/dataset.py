@@ -11,10 +11,15 @@ A dataset folder holds::
 ``make_dataset`` writes such a folder, deterministically from a seed, in parallel, with a
 progress bar; ``write_manifest`` turns a folder of a user's own music into one;
 ``AudioDataset`` yields fixed-length segments with their metadata.
+
+For LM training, ``build_token_cache`` encodes every clip once with the codec (and, for
+MusicGen-melody, stores each clip's melody chromagram as one pitch class per chroma frame);
+``TokenDataset`` reads segments of it: codes, and the chroma aligned with them.
 """
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -265,6 +270,8 @@ class AudioDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------- token cache
 
 TOKEN_CACHE_VERSION = 1
+CHROMA_VERSION = 1  # bump when the cached chroma's computation changes
+SILENT = -1  # the cached pitch class of a silent chroma frame (read back as the null melody)
 
 
 def codec_fingerprint(codec) -> str:
@@ -289,8 +296,82 @@ def _manifest_fingerprint(root: Path) -> str:
     return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------- melody chroma
+
+def chroma_radix2_exp(sample_rate: int) -> int:
+    """The ``radix2_exp`` whose chroma window (``2 ** radix2_exp`` samples) lasts MusicGen's 0.512 s.
+
+    MusicGen-melody's chroma (audiocraft ``radix2_exp=14``; transformers' feature extractor
+    ``n_fft=16384, hop_length=4096``) at 32 kHz: a 16384-sample window = 0.512 s, hop a quarter
+    = 0.128 s, so 7.8125 chroma frames per second. At 16 kHz (our tiny and lite codecs)
+    ``2 ** 13 = 8192`` samples give exactly the same seconds; other rates get the nearest
+    power of two (24 kHz: ``2 ** 14``, 0.68 s).
+    """
+    sample_rate = check_rate(sample_rate)
+    return max(2, round(math.log2(0.512 * sample_rate)))
+
+
+def melody_stem(meta: AudioMeta, root=None) -> Path | None:
+    """The clip's melody line alone, if its dataset has one; else None.
+
+    Our generated sets name it in the sidecar JSON (``"melody_path"``, relative to the sidecar's
+    folder: ``../stems/<id>.melody.wav``); a user's dataset folder ``root`` may hold
+    ``stems/<id>.melody.wav`` without saying so.
+    """
+    side = meta.info_path or meta.path.with_suffix(".json")
+    candidates = []
+    named = read_info(meta).get("melody_path")
+    if named:
+        candidates.append(Path(named) if Path(named).is_absolute() else side.parent / named)
+    if root is not None:
+        candidates.append(Path(root) / "stems" / f"{meta.path.stem}.melody.wav")
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _window_peaks(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """Largest ``|sample|`` under each chroma frame's window ``[T]``: the frames of a centred STFT
+    (``x [N]`` padded to ``n_fft`` if shorter, then ``n_fft // 2`` zeros each side)."""
+    if x.shape[-1] < n_fft:
+        x = torch.nn.functional.pad(x, (0, n_fft - x.shape[-1]))
+    padded = torch.nn.functional.pad(x.abs().view(1, 1, -1), (n_fft // 2, n_fft // 2))
+    return torch.nn.functional.max_pool1d(padded, n_fft, hop)[0, 0]  # (1 + N // hop,)
+
+
+def chroma_classes(wav: torch.Tensor, extractor) -> np.ndarray:
+    """A melody ``wav [N]`` (or ``[C, N]``, averaged) at the extractor's rate -> ``int8 [T]`` pitch classes.
+
+    ``extractor``: a :class:`~musicgen_lite.conditioning.ChromaExtractor`. Each chroma frame
+    keeps only its dominant pitch class (``extractor(wav).argmax(-1)``): MusicGen-melody reads the
+    argmax (one-hot) chroma, so one byte per frame holds everything the model sees. A frame whose
+    whole window stays below :data:`~musicgen_lite.conditioning.SILENCE_PEAK` (-100 dBFS) is
+    :data:`SILENT` instead: a rest in the melody, read back as the null melody (the chroma of
+    silence), not as the pitch class of rounding noise.
+    """
+    from ..conditioning import SILENCE_PEAK
+
+    x = wav.float().reshape(-1, wav.shape[-1]).mean(0)  # (N,) mono
+    with torch.no_grad():
+        classes = extractor(x.view(1, 1, -1))[0].argmax(-1)  # (T,)
+        peaks = _window_peaks(x, extractor.n_fft, extractor.hop_length)  # (T,)
+    if peaks.shape != classes.shape:  # the extractor's framing changed: keep the two in step
+        raise RuntimeError(f"chroma frames {classes.shape[0]} != window peaks {peaks.shape[0]}")
+    classes[peaks < SILENCE_PEAK] = SILENT
+    return classes.numpy().astype(np.int8)
+
+
+def chroma_one_hot(classes: torch.Tensor, n_chroma: int = 12) -> torch.Tensor:
+    """Cached pitch classes ``[..., T]`` -> the chroma the LM reads ``[..., T, n_chroma]`` (float one-hot).
+
+    :data:`SILENT` frames become the null melody: the argmax chroma of silence, a one-hot at
+    pitch class 0 (C), exactly what :class:`~musicgen_lite.conditioning.ChromaExtractor` gives a
+    silent frame and :meth:`~musicgen_lite.conditioning.MelodyConditioner.null_chroma` holds.
+    """
+    return torch.nn.functional.one_hot(classes.long().clamp(min=0), n_chroma).float()
+
+
 def build_token_cache(root, codec, out=None, clips_per_shard: int = 512, chunk_seconds: float | None = 30.0,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, chroma: bool | None = None, radix2_exp: int | None = None,
+                      n_chroma: int = 12) -> Path:
     """Encode every clip of a dataset folder once with ``codec``; store the codes memory-mappable.
 
     LM training then reads integer tokens and never runs the codec. The cache folder holds
@@ -298,42 +379,89 @@ def build_token_cache(root, codec, out=None, clips_per_shard: int = 512, chunk_s
     and ``index.json`` (per clip: shard, offset, frames, metadata path; plus the codec's and the
     manifest's fingerprints). A cache whose fingerprints match is reused as is; otherwise it is
     rebuilt (in a temporary folder renamed into place, so an interrupted build leaves nothing).
+
+    Melody (MusicGen-melody training), ``chroma``: True stores each clip's melody chromagram,
+    None (default) does so when the dataset has melody stems, False never. Per clip, the
+    chroma of its melody stem (:func:`melody_stem`) where there is one, else of the mix
+    (index: ``chroma_source`` = ``"stem"`` | ``"mix"``; the fingerprint counts both), computed by
+    :class:`~musicgen_lite.conditioning.ChromaExtractor` at the codec's sample rate with
+    ``n_chroma`` bins and ``n_fft = 2 ** radix2_exp`` (default :func:`chroma_radix2_exp`: MusicGen's
+    0.512 s window, hop 0.128 s), stored as :func:`chroma_classes` (one int8 pitch class per
+    chroma frame, :data:`SILENT` for rests) in ``chroma_NNNNN.npy`` beside the code shards. The
+    chroma settings and the list of stems are part of the fingerprint: change them and the
+    cache is rebuilt.
     """
+    import hashlib
     import shutil
 
     from tqdm.auto import tqdm
 
     root = Path(root)
     metas = read_manifest(root)
+    base = root if root.is_dir() else root.parent
     fingerprint = {"version": TOKEN_CACHE_VERSION, "codec": codec_fingerprint(codec),
                    "manifest": _manifest_fingerprint(root), "num_codebooks": int(codec.num_codebooks),
                    "cardinality": int(codec.cardinality), "frame_rate": float(codec.frame_rate),
                    "sample_rate": int(codec.sample_rate)}
+    stems = [melody_stem(m, base) for m in metas]
+    if chroma is None:
+        chroma = any(s is not None for s in stems)
+    extractor = None
+    if chroma:
+        from ..conditioning import SILENCE_PEAK, ChromaExtractor
+
+        if not isinstance(n_chroma, int) or not 1 <= n_chroma <= 127:
+            raise ValueError(f"n_chroma must be an int in [1, 127] (stored as int8), got {n_chroma!r}")
+        radix2_exp = chroma_radix2_exp(codec.sample_rate) if radix2_exp is None else int(radix2_exp)
+        if radix2_exp < 2:
+            raise ValueError(f"radix2_exp must be at least 2 (n_fft = 2 ** radix2_exp, hop n_fft / 4), "
+                             f"got {radix2_exp}")
+        extractor = ChromaExtractor(int(codec.sample_rate), n_chroma, radix2_exp, argmax=True)
+        sources = [os.path.relpath(s, base) if s is not None else None for s in stems]
+        fingerprint["chroma"] = {
+            "version": CHROMA_VERSION, "sample_rate": int(codec.sample_rate), "n_chroma": n_chroma,
+            "radix2_exp": radix2_exp, "n_fft": extractor.n_fft, "hop_length": extractor.hop_length,
+            "frame_rate": codec.sample_rate / extractor.hop_length, "argmax": True, "silence_peak": SILENCE_PEAK,
+            "from_stem": sum(s is not None for s in stems), "from_mix": sum(s is None for s in stems),
+            "sources": hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:16]}
     out = Path(out) if out else (root / "tokens" if root.is_dir() else root.parent / "tokens")
     index_path = out / "index.json"
     if index_path.exists() and json.loads(index_path.read_text()).get("fingerprint") == fingerprint:
         return out
     if codec.cardinality > 32_767:
         raise ValueError(f"codec cardinality {codec.cardinality} does not fit the cache's int16 tokens")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     clips, shard, buffer, offset = [], 0, [], 0
+    chroma_buffer, chroma_offset = [], 0
 
     def flush():
-        nonlocal shard, buffer, offset
+        nonlocal shard, buffer, offset, chroma_buffer, chroma_offset
         if buffer:
             np.save(tmp / f"shard_{shard:05d}.npy", np.concatenate(buffer, axis=1))
-            shard, buffer, offset = shard + 1, [], 0
+            if extractor is not None:
+                np.save(tmp / f"chroma_{shard:05d}.npy", np.concatenate(chroma_buffer))
+            shard, buffer, offset, chroma_buffer, chroma_offset = shard + 1, [], 0, [], 0
 
     try:
-        for meta in tqdm(metas, desc="tokenizing", disable=not progress, unit="clip"):
+        for meta, stem in tqdm(list(zip(metas, stems)), desc="tokenizing", disable=not progress, unit="clip"):
             wav, _ = load_audio(meta.path, codec.sample_rate)
             with torch.inference_mode():
                 codes = codec.encode(wav[None], chunk_seconds=chunk_seconds)[0]  # (K, T)
             arr = codes.cpu().numpy().astype(np.int16)
             side = meta.info_path or meta.path.with_suffix(".json")
-            clips.append({"shard": shard, "offset": offset, "frames": int(arr.shape[1]),
-                          "path": os.path.relpath(meta.path, out), "info": os.path.relpath(side, out)
-                          if side.exists() else None})
+            clip = {"shard": shard, "offset": offset, "frames": int(arr.shape[1]),
+                    "path": os.path.relpath(meta.path, out), "info": os.path.relpath(side, out)
+                    if side.exists() else None}
+            if extractor is not None:
+                melody = load_audio(stem, codec.sample_rate)[0] if stem is not None else wav  # (C, N)
+                classes = chroma_classes(melody, extractor)  # (Tc,) int8
+                clip.update(chroma_offset=chroma_offset, chroma_frames=int(classes.shape[0]),
+                            chroma_source="stem" if stem is not None else "mix",
+                            melody=os.path.relpath(stem, out) if stem is not None else None)
+                chroma_buffer.append(classes)
+                chroma_offset += classes.shape[0]
+            clips.append(clip)
             buffer.append(arr)
             offset += arr.shape[1]
             if len(buffer) >= clips_per_shard:
@@ -356,17 +484,35 @@ class TokenDataset(torch.utils.data.Dataset):
     segments (the last one zero-padded, ``info["n_frames"]`` counting the real ones) or, with
     ``random_segments``, one seeded random window per clip (``set_epoch`` draws anew). Shards
     are memory-mapped: nothing is read until asked for.
+
+    Melody (a cache built with chroma; ``chroma=None`` reads it when there, True requires it,
+    False skips it): ``info["chroma"]`` is the segment's chroma ``[Lc, n_chroma]`` (float
+    one-hot, :func:`chroma_one_hot`; rests and frames past the clip's end are the null melody),
+    ``Lc = ceil(S * chroma_rate / frame_rate)`` frames (:meth:`chroma_frames`, 8 for 1 s at
+    7.8125 Hz; a whole clip: all its chroma frames) starting at chroma frame
+    ``info["chroma_start"]``, the one nearest the codes' start time (:meth:`chroma_start`): the
+    two rates rarely share a frame boundary (50 Hz codes, 7.8125 Hz chroma: every 0.64 s), so
+    the chroma starts within half a chroma hop (64 ms) of the codes, less than one chroma
+    frame's own 0.512 s window. ``info["chroma_source"]``:
+    ``"stem"`` or ``"mix"``.
     """
 
-    def __init__(self, cache, segment_frames: int | None = None, random_segments: bool = False, seed: int = 0):
+    def __init__(self, cache, segment_frames: int | None = None, random_segments: bool = False, seed: int = 0,
+                 chroma: bool | None = None):
         self.root = Path(cache)
         index_path = self.root / "index.json"
         if not index_path.exists():
             raise FileNotFoundError(f"{self.root}: no token cache here (build one with build_token_cache)")
         index = json.loads(index_path.read_text())
         self.fingerprint, self.clips = index["fingerprint"], index["clips"]
+        self.chroma_settings: dict | None = self.fingerprint.get("chroma")
+        if chroma and self.chroma_settings is None:
+            raise ValueError(f"{self.root}: this token cache holds no melody chroma; rebuild it with "
+                             "build_token_cache(..., chroma=True) (or `musicgen-lite tokenize --chroma`)")
+        self.with_chroma = self.chroma_settings is not None if chroma is None else bool(chroma)
         self.segment_frames, self.random_segments, self.seed, self.epoch = segment_frames, random_segments, seed, 0
         self._shards: dict[int, np.ndarray] = {}
+        self._chroma_shards: dict[int, np.ndarray] = {}
         self.items: list[tuple[int, int]] = []  # (clip, start frame)
         for ci, clip in enumerate(self.clips):
             if segment_frames is None or random_segments:
@@ -378,6 +524,24 @@ class TokenDataset(torch.utils.data.Dataset):
         if k not in self._shards:
             self._shards[k] = np.load(self.root / f"shard_{k:05d}.npy", mmap_mode="r")
         return self._shards[k]
+
+    def _chroma_shard(self, k: int) -> np.ndarray:
+        if k not in self._chroma_shards:
+            self._chroma_shards[k] = np.load(self.root / f"chroma_{k:05d}.npy", mmap_mode="r")
+        return self._chroma_shards[k]
+
+    def _chroma_ratio(self) -> float:
+        if self.chroma_settings is None:
+            raise ValueError(f"{self.root}: this token cache holds no melody chroma")
+        return self.chroma_settings["frame_rate"] / self.fingerprint["frame_rate"]
+
+    def chroma_frames(self, frames: int) -> int:
+        """Chroma frames covering ``frames`` codec frames: ``ceil(frames * chroma_rate / frame_rate)``."""
+        return max(1, math.ceil(frames * self._chroma_ratio() - 1e-9))
+
+    def chroma_start(self, start_frame: int) -> int:
+        """The chroma frame nearest in time to codec frame ``start_frame``."""
+        return int(math.floor(start_frame * self._chroma_ratio() + 0.5))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -402,4 +566,15 @@ class TokenDataset(torch.utils.data.Dataset):
             if side.exists():
                 info = json.loads(side.read_text())
         info.update(start_frame=int(start), n_frames=int(real))
+        if self.with_chroma:
+            if self.segment_frames is None:  # the whole clip: all its chroma frames
+                c0, length = 0, clip["chroma_frames"]
+            else:
+                c0, length = self.chroma_start(start), self.chroma_frames(n)
+            classes = np.full(length, SILENT, dtype=np.int8)  # past the clip's end: the null melody
+            have = max(0, min(length, clip["chroma_frames"] - c0))
+            at = clip["chroma_offset"] + c0
+            classes[:have] = self._chroma_shard(clip["shard"])[at:at + have]
+            info.update(chroma=chroma_one_hot(torch.from_numpy(classes), self.chroma_settings["n_chroma"]),
+                        chroma_start=int(c0), chroma_source=clip["chroma_source"])
         return codes, info
