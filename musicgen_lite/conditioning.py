@@ -450,6 +450,12 @@ class MelodyConditioner(nn.Module):
             if shift:
                 wav = torch.cat([wav[shift:], wav[:shift]])
             chroma = self.chroma(wav.view(1, 1, -1))[0]  # (T, C) at the chroma frame rate
+            if self.chroma.argmax:  # rests (a window below SILENCE_PEAK) -> the null melody, as in token caches
+                from .data.dataset import _window_peaks
+
+                rests = _window_peaks(wav.float(), self.chroma.n_fft, self.chroma.hop_length) < SILENCE_PEAK
+                if rests.shape[0] == chroma.shape[0] and bool(rests.any()):
+                    chroma = torch.where(rests[:, None], self.null_chroma(1, chroma.shape[0])[0].to(chroma), chroma)
             idx = torch.arange(frames, device=chroma.device) % chroma.shape[0]  # loop, then cut
             rows.append(chroma[idx])
         return torch.stack(rows)  # (B, frames, C)

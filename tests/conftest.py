@@ -28,12 +28,25 @@ def synth_dataset(tmp_path_factory):
                         workers=2, progress=False)
 
 
+def _test_threads() -> int:
+    import os
+
+    return int(os.environ.get("MUSICGEN_LITE_TEST_THREADS", "1"))
+
+
 def pytest_configure(config):
     """One torch thread per test process unless MUSICGEN_LITE_TEST_THREADS says otherwise: the
     tests are small (threads cost more than they give) and a long training job may share the
     machine's two cores (an oversubscribed OpenMP pool slowed it 8x)."""
-    import os
-
     import torch
 
-    torch.set_num_threads(int(os.environ.get("MUSICGEN_LITE_TEST_THREADS", "1")))
+    torch.set_num_threads(_test_threads())
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Back to the test thread count before every test (CLI calls set their own --threads)."""
+    import torch
+
+    torch.set_num_threads(_test_threads())
+    yield

@@ -314,3 +314,24 @@ def test_long_generation_reads_the_melody_from_each_window_start(hf_melody):
                               melody_sample_rate=SR)
     assert codes.shape == (1, K, 30)
     assert offsets == [0.0, 0.02]  # the second window starts at frame 10 = 0.02 s
+
+
+def test_rests_read_as_the_null_melody_like_the_token_cache():
+    """A near-silent stretch (below -100 dBFS) is a rest: generation reads the null melody there,
+    exactly what a token cache stores, not the pitch class of the noise."""
+    import numpy as np
+
+    from musicgen_lite.conditioning import MelodyConditioner
+    from musicgen_lite.data.dataset import chroma_classes, chroma_one_hot
+
+    sr = 16_000
+    t = torch.arange(sr) / sr
+    g = torch.Generator().manual_seed(0)
+    tone = 0.5 * torch.sin(2 * torch.pi * 440 * t)  # A
+    rest = 1e-6 * torch.randn(3 * sr, generator=g)  # -120 dBFS noise: argmax would pick a random class
+    wav = torch.cat([tone, rest, tone])
+    cond = MelodyConditioner(sr, output_dim=8, radix2_exp=13)
+    classes = chroma_classes(wav, cond.chroma)
+    assert (classes == -1).sum() >= 3 and (classes == 9).sum() >= 2  # rests and A both present
+    ours = cond.chromagram([wav], frames=len(classes))[0]
+    torch.testing.assert_close(ours, chroma_one_hot(torch.from_numpy(classes.astype(np.int64))))
