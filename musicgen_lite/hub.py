@@ -317,6 +317,9 @@ PRETRAINED = ("facebook/musicgen-small", "facebook/musicgen-medium", "facebook/m
 PARITY_PROMPT = "80s pop track with bassy drums and synth"
 
 
+_HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+
+
 class HubUnreachableError(OSError):
     """The model hub could not be reached (offline) and no local copy was found."""
 
@@ -337,10 +340,11 @@ def from_pretrained(name_or_path: str, device: str | torch.device = "cpu", check
 
     local = Path(str(name_or_path)).expanduser()
     source = str(local) if local.is_dir() else str(name_or_path)
+    hub_kwargs = {k: v for k, v in hf_kwargs.items() if k in _HUB_OPTIONS}  # config and tokenizer: hub options only
     if local.is_dir() and not (local / "config.json").is_file():
         raise FileNotFoundError(f"{local}: no transformers config.json (save the model there with save_pretrained)")
     try:
-        config = AutoConfig.from_pretrained(source, **hf_kwargs)
+        config = AutoConfig.from_pretrained(source, **hub_kwargs)
     except OSError as e:
         if local.is_dir():
             raise FileNotFoundError(f"{local}: no transformers config.json (save it with save_pretrained)") from e
@@ -355,16 +359,18 @@ def from_pretrained(name_or_path: str, device: str | torch.device = "cpu", check
         from transformers import MusicgenForConditionalGeneration as cls
     else:
         raise ValueError(f"{name_or_path}: a {config.model_type!r} model, not MusicGen")
-    hf = cls.from_pretrained(source, **hf_kwargs).eval()
+    # on the target device before porting: the port copies onto hf's device, so the CPU never
+    # holds two full copies (12 GB for musicgen-medium in fp32, more than a free Colab has)
+    hf = cls.from_pretrained(source, **hf_kwargs).to(device).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **hf_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{name_or_path}: no tokenizer files next to the model "
                                 "(save the tokenizer with save_pretrained into the same folder)") from e
-    model = from_transformers(hf)
+    model = from_transformers(hf).to(device)
     model.conditioner.tokenizer = tokenizer
     model.parity = parity_check(hf, model, tokenizer, steps=parity_steps) if check else None
-    return model.to(device)
+    return model
 
 
 @torch.no_grad()

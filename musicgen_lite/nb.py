@@ -262,9 +262,10 @@ def notebook_codec(quiet: bool = False):
     """The codec the notebooks turn music into tokens with: the shipped lite codec
     (``data/checkpoints/codec_lite``) when present, else an *untrained* lite codec, with a note.
 
-    Tokens of an untrained codec are still a deterministic function of the audio (an LM can
-    learn them), but they decode to noise: the sounds in a notebook are only meaningful with
-    the trained codec. Returns ``(codec, description)``.
+    The untrained stand-in gets its codebooks from k-means on a few clips (a fresh codec's are
+    empty until its first training batch, and would map all audio to code 0): its tokens are a
+    deterministic function of the audio (an LM can learn them), but they decode to noise. The
+    sounds in a notebook are only meaningful with the trained codec. Returns ``(codec, description)``.
     """
     from .codec import CompressionModel, codec_config
     from .hub import load_codec
@@ -277,9 +278,19 @@ def notebook_codec(quiet: bool = False):
         what = f"shipped lite codec ({extra.get('step', '?')} training steps)"
         codec = load_codec(path)
     else:
+        from .data import synth_clip
+
         torch.manual_seed(0)
-        codec = CompressionModel(codec_config("lite")).eval()
-        what = "UNTRAINED lite codec (no trained codec in data/checkpoints/codec_lite yet): sounds will be noise"
+        codec = CompressionModel(codec_config("lite"))
+        # the codebooks start empty and are initialised by k-means on the first training batch:
+        # one forward pass on a few synthetic clips, so that codes depend on the audio
+        clips = torch.stack([synth_clip(seed=1000 + i, seconds=4.0, sample_rate=codec.sample_rate)[0][:1]
+                             for i in range(8)])  # (8, 1, N)
+        with torch.no_grad():
+            codec.train()(clips)
+        codec.eval()
+        what = ("UNTRAINED lite codec (no trained codec in data/checkpoints/codec_lite yet; codebooks set by "
+                "k-means on a few clips): tokens follow the audio, but sounds decode to noise")
     if not quiet:
         print("codec:", what)
     return codec, what

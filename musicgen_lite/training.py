@@ -469,6 +469,45 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
     return save_musicgen(model, out_dir, {"name": name, "kwargs": {}} if name else None, info, dtype=dtype)
 
 
+@torch.no_grad()
+def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: int = 64, batch_size: int = 16) -> dict:
+    """Mean per-token cross-entropy of ``task`` (an :class:`LMTask`, e.g. ``train_lm(...)["model"]``)
+    on a held-out token cache: its first ``max_items`` full windows of ``segment_seconds``, in
+    order (the same windows every call), captions (and chroma) as in training, no dropout.
+    Returns ``{"loss", "per_codebook", "windows"}`` (nats)."""
+    from .data.dataset import TokenDataset
+
+    probe = TokenDataset(tokens)
+    frames = max(1, round(segment_seconds * probe.fingerprint["frame_rate"]))
+    data = TokenDataset(tokens, segment_frames=frames, chroma=bool(getattr(task, "melody", None)) or None)
+    items = []
+    for i in range(len(data)):
+        codes, info = data[i]
+        if info.get("n_frames", frames) == frames:
+            items.append((codes, info))
+        if len(items) == max_items:
+            break
+    if not items:
+        raise ValueError(f"{tokens}: no full window of {segment_seconds} s in the token cache")
+    was_training = task.training
+    task.eval()
+    device = next(task.parameters()).device
+    total, per_cb, n = 0.0, None, 0
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        codes = torch.stack([c for c, _ in chunk]).to(device)
+        texts = [i.get("description", "") for _, i in chunk]
+        kw = {}
+        if getattr(task, "melody", None) is not None:
+            kw["chroma"] = torch.stack([i["chroma"] for _, i in chunk]).to(device)
+        loss, per_codebook = task(codes, texts if task.conditioner is not None else None, **kw)
+        total += float(loss) * len(chunk)
+        per_cb = per_codebook.float().cpu() * len(chunk) + (per_cb if per_cb is not None else 0)
+        n += len(chunk)
+    task.train(was_training)
+    return {"loss": total / n, "per_codebook": [round(float(v), 4) for v in per_cb / n], "windows": n}
+
+
 # ------------------------------------------------------------------------------ LM trainer
 
 def lm_train_options(scale: str) -> dict:
@@ -577,7 +616,8 @@ def _dist() -> tuple[int, int]:
 
 def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str | None = "learned", steps: int = 1000,
              resume: bool = True, seed: int = 0, device: str | None = None, progress: bool = True,
-             max_seconds: float | None = None, pattern: str = "delay", melody: bool = False, **options) -> dict:
+             max_seconds: float | None = None, pattern: str = "delay", melody: bool = False,
+             stop_after: int | None = None, **options) -> dict:
     """Train a text-conditioned :class:`~musicgen_lite.lm.MusicLM` on a token cache; resumable.
 
     Args:
@@ -595,6 +635,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             adds :data:`MELODY_TRAIN_OPTIONS`: ``cond_dropout`` 0.2 (drops text and melody
             together, as the null rows of guidance) and ``melody_dropout`` 0.5 (the null melody
             alone), both drawn per batch from ``(seed, step)``.
+        stop_after: checkpoint and stop once this step is done, as an interrupted run would,
+            while the schedule still plans ``steps`` (a later call resumes to ``steps``).
         **options: override the recipe (``batch_size`` is the *global* batch, split over
             processes under torchrun; ``grad_accum`` micro-batches per process and step).
 
@@ -735,7 +777,7 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{total:.3f}")
-        out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+        out_of_time = (max_seconds is not None and time.perf_counter() - t0 > max_seconds) or done == stop_after
         if done % opts["checkpoint_every"] == 0 or done == steps or out_of_time:
             state = _fsdp_state(holder, optimizer) if use_fsdp else (holder, optimizer)  # FSDP: every rank gathers
             if rank == 0:

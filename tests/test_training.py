@@ -205,3 +205,33 @@ def test_fsdp_two_processes_match_one_and_resume_anywhere(tmp_path, token_cache)
     assert sharded == pytest.approx(single[:4], rel=1e-4, abs=1e-5)
     rest = train_lm(tmp_path / "two", token_cache, steps=6, **kw)["losses"]  # 1 process picks up at step 4
     assert rest == pytest.approx(single[4:], rel=1e-4, abs=1e-5)
+
+
+def test_stop_after_then_resume_equals_one_run_under_the_cosine_schedule(tmp_path, token_cache):
+    """An interrupted run (stop_after) keeps the planned schedule: resuming it repeats the uninterrupted
+    losses even where the cosine decay depends on the total number of steps."""
+    from musicgen_lite.training import train_lm
+
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False, warmup=2, schedule="cosine")
+    whole = train_lm(tmp_path / "a", token_cache, steps=8, **kw)
+    first = train_lm(tmp_path / "b", token_cache, steps=8, stop_after=4, **kw)
+    assert len(first["losses"]) == 4 and first["step"] == 4
+    rest = train_lm(tmp_path / "b", token_cache, steps=8, **kw)
+    assert first["losses"] + rest["losses"] == whole["losses"]
+
+
+def test_validation_loss_is_the_mean_over_fixed_windows(tmp_path, token_cache):
+    from musicgen_lite.data.dataset import TokenDataset
+    from musicgen_lite.training import train_lm, validation_loss
+
+    run = train_lm(tmp_path / "run", token_cache, scale="tiny", lm="tiny", conditioner="learned", steps=3,
+                   progress=False)
+    task = run["model"]
+    a = validation_loss(task, token_cache, segment_seconds=1.0, batch_size=2)
+    b = validation_loss(task, token_cache, segment_seconds=1.0, batch_size=5)
+    assert a["windows"] == b["windows"] > 0 and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    data = TokenDataset(token_cache, segment_frames=50)
+    items = [data[i] for i in range(len(data))][: a["windows"]]
+    with torch.no_grad():
+        ref, _ = task(torch.stack([c for c, _ in items]), [i["description"] for _, i in items])
+    assert a["loss"] == pytest.approx(float(ref), rel=1e-5)
