@@ -1,0 +1,49 @@
+"""The codec report card: effective bandwidth, the Opus round trip, shared-band mel distance."""
+import shutil
+
+import pytest
+import torch
+
+from musicgen_lite.codec_card import codec_report, effective_bandwidth, opus_roundtrip, write_codec_card
+
+
+def test_effective_bandwidth_finds_a_lowpass():
+    sr = 16_000
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, sr, generator=g)
+    spec = torch.fft.rfft(noise)
+    spec[..., int(3000 / (sr / 2) * spec.shape[-1]):] = 0  # nothing above 3 kHz
+    low = torch.fft.irfft(spec, n=sr)
+    assert 2700 < effective_bandwidth(low, sr) <= 3100
+    assert effective_bandwidth(noise, sr) > 7500
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_opus_roundtrip_keeps_length_and_limits_the_band():
+    sr = 16_000
+    g = torch.Generator().manual_seed(0)
+    wav = 0.1 * torch.randn(1, 2 * sr, generator=g)
+    out = opus_roundtrip(wav, sr, 6.0)
+    assert out.shape == wav.shape
+    assert effective_bandwidth(out, sr) < 0.8 * effective_bandwidth(wav, sr)  # 6 kbps drops the highs
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_report_and_card(tmp_path):
+    from musicgen_lite.codec import CompressionModel, codec_config
+    from musicgen_lite.data import synth_clip
+
+    torch.manual_seed(0)
+    codec = CompressionModel(codec_config("tiny"))
+    clips = torch.stack([synth_clip(seed=i, seconds=1.0, sample_rate=16_000)[0][:1] for i in range(2)])
+    with torch.no_grad():
+        codec.train()(clips)  # k-means codebooks from these clips
+    codec.eval()
+    report = codec_report(codec, clips)
+    names = [r["system"] for r in report["rows"]]
+    assert names == ["1 codebook", "2 codebooks", "3 codebooks", "4 codebooks", "Opus 6 kbps"]
+    assert all(torch.isfinite(torch.tensor([r["si_snr"], r["mel"]])).all() for r in report["rows"])
+    assert report["rows"][3]["kbps"] == pytest.approx(4 * 8 * 50 / 1000)  # tiny: 256 entries = 8 bits
+    card = write_codec_card(tmp_path, report, {"title": "tiny codec", "steps": 0, "_probe": clips[0]})
+    text = card.read_text()
+    assert "Opus 6 kbps" in text and "| 4 codebooks |" in text and (tmp_path / "spectrograms.png").is_file()
