@@ -57,9 +57,9 @@ def _cmd_data_manifest(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import data_tour
+    from .demo import demo
 
-    data_tour(args.out, n=args.n, seconds=args.seconds, seed=args.seed)
+    demo(args.out, n=args.n, seconds=args.seconds, seed=args.seed)
     return 0
 
 
@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     dman.add_argument("--skip-bad", action="store_true", help="skip unreadable files instead of failing")
     dman.set_defaults(func=_cmd_data_manifest)
 
-    demo = sub.add_parser("demo", help="headless tour: captioned clips with spectrograms, written to files")
+    demo = sub.add_parser("demo", help="headless tour: generated music (shipped model) and captioned clips, "
+                                         "with spectrograms, written to files")
     demo.add_argument("--out", default="out/demo")
     demo.add_argument("--n", type=int, default=6, help="clips (default 6)")
     demo.add_argument("--seconds", type=float, default=8.0)

@@ -112,3 +112,18 @@ def test_missing_default_model_says_how_to_get_one(monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "default_model_path", lambda: tmp_path / "musicgen_lite")
     with pytest.raises(FileNotFoundError, match="README"):
         hub.load_musicgen()
+
+
+def test_demo_generates_with_a_model_and_notes_its_absence(lm_run, tmp_path):
+    from musicgen_lite.demo import generated_music
+    from musicgen_lite.training import export_musicgen
+
+    tmp, _ = lm_run
+    model_dir = export_musicgen(tmp / "run", tmp / "codec", tmp_path / "model")
+    lines = generated_music(tmp_path / "demo", captions=("a sad piano piece", "rock with drums"), duration=0.4,
+                            model_path=model_dir)
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["gen_00.png", "gen_00.wav", "gen_01.png",
+                                                                     "gen_01.wav"]
+    assert any("a sad piano piece" in line for line in lines)
+    note = generated_music(tmp_path / "none", model_path=tmp_path / "missing")
+    assert "skipping" in note[0] and not (tmp_path / "none").exists()
