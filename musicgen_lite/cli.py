@@ -225,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--n", type=int, default=100, help="number of clips (default 100)")
     dm.add_argument("--seconds", type=float, default=10.0, help="clip length in seconds (default 10)")
     dm.add_argument("--seed", type=int, default=0)
-    dm.add_argument("--source", choices=["synth", "corpus"], default="synth",
-                    help="synth: random compositions; corpus: music21 folk tunes and Bach chorales")
+    dm.add_argument("--source", choices=["synth", "corpus", "mix"], default="synth",
+                    help="synth: random compositions; corpus: music21 folk tunes and Bach chorales; "
+                         "mix: synthetic with every 4th clip a corpus tune")
     dm.add_argument("--sample-rate", type=int, default=32_000, help="Hz (default 32000)")
     dm.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
     dm.add_argument("--renderer", choices=["auto", "fluidsynth", "builtin"], default="auto")

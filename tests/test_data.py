@@ -348,3 +348,16 @@ def test_tokenize_command(tmp_path):
     assert main(["tokenize", str(root), "--codec", str(tmp_path / "codec")]) == 0
     assert (root / "tokens" / "index.json").exists()
     assert main(["tokenize", str(root), "--codec", str(tmp_path / "missing")]) != 0
+
+
+def test_mix_source_interleaves_corpus_tunes(tmp_path):
+    from musicgen_lite.data.dataset import read_info, read_manifest
+
+    root = make_dataset(tmp_path / "m", n=4, seconds=1.5, seed=3, source="mix", sample_rate=16_000, workers=1,
+                        melody_stems=False, progress=False)
+    names = [read_info(m)["name"] for m in read_manifest(root)]
+    assert names == ["synth_000000", "synth_000001", "synth_000002", "corpus_000003"]
+    corpus = make_dataset(tmp_path / "c", n=4, seconds=1.5, seed=3, source="corpus", sample_rate=16_000, workers=1,
+                          melody_stems=False, progress=False)
+    # the corpus clip of the mix is the corpus source's clip 3 (same seed, same index)
+    assert (root / "audio" / "corpus_000003.wav").read_bytes() == (corpus / "audio" / "corpus_000003.wav").read_bytes()

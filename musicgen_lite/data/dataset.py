@@ -34,7 +34,8 @@ import torch
 from ..audio import AUDIO_EXTENSIONS, AudioError, audio_info, check_rate, load_audio, save_audio
 
 FORMAT_VERSION = 1  # bump when the generator changes what a seed produces
-SOURCES = ("synth", "corpus")
+SOURCES = ("synth", "corpus", "mix")  # mix: synthetic clips with every 4th one a corpus tune
+MIX_CORPUS_EVERY = 4
 
 
 def cache_root() -> Path:
@@ -68,6 +69,8 @@ def _render_one(job: tuple) -> dict:
     from .synth import compose
 
     cs = clip_seed(seed, index)
+    if source == "mix":  # every MIX_CORPUS_EVERY-th clip a corpus tune, the others synthetic
+        source = "corpus" if index % MIX_CORPUS_EVERY == MIX_CORPUS_EVERY - 1 else "synth"
     comp = compose(cs, seconds) if source == "synth" else compose_corpus(cs, seconds)
     name = f"{source}_{index:06d}"
     audio_path = Path(out_dir) / "audio" / f"{name}.wav"
