@@ -19,6 +19,7 @@ figure into a checkpoint folder.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import tempfile
@@ -138,3 +139,82 @@ def write_codec_card(folder, report: dict, facts: dict, listening: str = "") -> 
     (folder / "README.md").write_text("\n".join(lines))
     (folder / "report.json").write_text(json.dumps({"facts": facts, **report}, indent=1))
     return folder / "README.md"
+
+
+def heldout_clips(sample_rate: int, n_synth: int = 8, n_corpus: int = 8, seconds: float = 4.0,
+                  seed: int = 999_123) -> torch.Tensor:
+    """Held-out clips ``[B, 1, N]``: synthetic and corpus, drawn with a seed no training set uses."""
+    from .data import make_dataset
+    from .training import ClipBank
+
+    folders = [make_dataset(None, n=n_synth, seconds=seconds, seed=seed, sample_rate=sample_rate, progress=False)]
+    if n_corpus:
+        folders.append(make_dataset(None, n=n_corpus, seconds=seconds, seed=seed, source="corpus",
+                                    sample_rate=sample_rate, progress=False))
+    wavs = ClipBank(folders, sample_rate).wavs
+    n = min(w.shape[-1] for w in wavs)
+    return torch.stack([w[:, :n] for w in wavs])
+
+
+def _wall_seconds(log_path: Path) -> float:
+    """Training wall time from a run's log: each session's ``seconds`` restarts at 0, so sum the
+    last value of every session."""
+    total, last = 0.0, 0.0
+    for line in log_path.read_text().splitlines():
+        s = json.loads(line).get("seconds", 0.0)
+        if s < last:
+            total += last
+        last = s
+    return total + last
+
+
+def export_with_card(run_dir, out_dir, command: str, listening: str = "", n_heldout: int = 8,
+                     heldout_seconds: float = 4.0) -> Path:
+    """A codec training run -> ``out_dir``: fp16 weights (when fp16 quality holds: its mel distance
+    within 1% of fp32's on the held-out clips, else fp32), ``README.md`` model card, figure, report."""
+    from .hub import load_codec
+    from .training import export_codec
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    meta = json.loads((run_dir / "checkpoint" / "config.json").read_text())
+    extra, config = meta["extra"], meta["config"]
+    opts = extra.get("options", {})
+    export_codec(run_dir, out_dir, dtype=None)
+    full = load_codec(out_dir)
+    clips = heldout_clips(full.sample_rate, n_heldout, n_heldout, heldout_seconds)
+    report = codec_report(full, clips)
+    export_codec(run_dir, out_dir, dtype=torch.float16)
+    half = load_codec(out_dir)
+    half_report = codec_report(half, clips)
+    mel32, mel16 = report["rows"][3]["mel"], half_report["rows"][3]["mel"]
+    if mel16 > 1.01 * mel32:
+        export_codec(run_dir, out_dir, dtype=None)
+        report, stored = report, "fp32 (fp16 lost quality)"
+    else:
+        report, stored = half_report, "fp16"
+    facts = {
+        "title": f"musicgen-lite codec, {config['sample_rate'] // 1000} kHz, {config['n_q']} x {config['bins']}, "
+                 f"{config['sample_rate'] / math.prod(config['ratios']):g} frames/s",
+        "data": f"{opts.get('n_clips')} synthetic clips + {opts.get('corpus_clips', 0)} corpus tunes of "
+                f"{opts.get('clip_seconds')} s (seed 0), rendered with FluidSynth; random crops of "
+                f"{opts.get('segment_seconds')} s, batch {opts.get('batch_size')}",
+        "held out": f"{n_heldout} synthetic + {n_heldout} corpus clips of {heldout_seconds:g} s drawn with seed "
+                    "999123 (never trained on)",
+        "steps": extra.get("step"),
+        "wall time": f"{_wall_seconds(run_dir / 'log.jsonl') / 3600:.1f} h on the 2-core CI machine (CPU)",
+        "losses": f"mel + {opts.get('l1_weight')} x L1 + commitment; adversarial: {opts.get('adversarial')}; "
+                  f"lr {opts.get('lr')}, betas {opts.get('betas')}",
+        "parameters": f"{sum(p.numel() for p in full.parameters()) / 1e6:.2f} M",
+        "weights stored as": f"{stored} (fp16 vs fp32 mel distance at 4 codebooks: {mel16:.4f} vs {mel32:.4f})",
+        "command": f"`{command}`",
+        "_probe": clips[0],
+    }
+    write_codec_card(out_dir, report, facts, listening)
+    return out_dir
+
+
+if __name__ == "__main__":  # python -m musicgen_lite.codec_card RUN_DIR OUT_DIR
+    import sys
+
+    print(export_with_card(sys.argv[1], sys.argv[2], command=" ".join(sys.argv[3:]) or
+                           "musicgen-lite train codec RUN --scale lite"))

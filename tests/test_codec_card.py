@@ -47,3 +47,21 @@ def test_report_and_card(tmp_path):
     card = write_codec_card(tmp_path, report, {"title": "tiny codec", "steps": 0, "_probe": clips[0]})
     text = card.read_text()
     assert "Opus 6 kbps" in text and "| 4 codebooks |" in text and (tmp_path / "spectrograms.png").is_file()
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_export_with_card_from_a_training_run(tmp_path, synth_dataset):
+    import json
+
+    from musicgen_lite.codec_card import export_with_card
+    from musicgen_lite.hub import load_codec
+    from musicgen_lite.training import train_codec
+
+    train_codec(tmp_path / "run", scale="tiny", steps=3, data=synth_dataset, progress=False)
+    out = export_with_card(tmp_path / "run", tmp_path / "codec", command="musicgen-lite train codec RUN --scale tiny",
+                           n_heldout=2, heldout_seconds=2.0)
+    card = (out / "README.md").read_text()
+    assert "**steps**: 3" in card and "Opus 6 kbps" in card and "fp16" in card
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["rows"]) == 5 and report["clips"] == 4
+    assert load_codec(out).num_codebooks == 4

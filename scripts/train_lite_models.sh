@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The shipped lite models, in order, each resumable (re-run the same line after an interruption).
+# Two CPU cores: run one step at a time. Times are for the project's 2-core CI machine.
+set -euo pipefail
+MLITE=${MLITE:-.venv/bin/musicgen-lite}
+CODEC=data/checkpoints/codec_lite
+
+# 1. the codec (hours; resumes from runs/codec_lite2), then its export + model card:
+#    $MLITE train codec runs/codec_lite2 --scale lite --steps 200000 --max-minutes 150 --threads 2
+#    .venv/bin/python -m musicgen_lite.codec_card runs/codec_lite2 $CODEC "musicgen-lite train codec runs/codec_lite2 --scale lite --steps 200000"
+
+# 2. data for the LM: synthetic clips with every 4th a corpus tune (melody stems kept), 16 kHz, and a held-out set
+$MLITE data make data/cache/lm_mix --n 2400 --seconds 10 --source mix --sample-rate 16000 --workers 2
+$MLITE data make data/cache/lm_heldout --n 120 --seconds 10 --source mix --seed 4242 --sample-rate 16000 --workers 2
+
+# 3. tokens (once per codec; rebuilt automatically if the codec changes), with the melody chroma
+$MLITE tokenize data/cache/lm_mix --codec $CODEC --chroma --threads 2
+$MLITE tokenize data/cache/lm_heldout --codec $CODEC --chroma --threads 2
+
+# 4. the default text-to-music LM, then the melody LM (each: repeat until it reports its last step)
+$MLITE train lm data/cache/lm_mix/tokens runs/lm_lite --scale lite --conditioner learned --steps 6000 --max-minutes 150
+$MLITE export lm runs/lm_lite --codec $CODEC --out data/checkpoints/musicgen_lite
+$MLITE train lm data/cache/lm_mix/tokens runs/lm_lite_melody --scale lite --conditioner learned --melody --steps 6000 --max-minutes 150
+$MLITE export lm runs/lm_lite_melody --codec $CODEC --out data/checkpoints/musicgen_lite_melody
+
+# 5. measured model cards
+$MLITE evaluate --model data/checkpoints/musicgen_lite --n 100 --json data/checkpoints/musicgen_lite/eval.json
+$MLITE evaluate --model data/checkpoints/musicgen_lite_melody --n 100 --melodies data/cache/lm_heldout/stems \
+    --json data/checkpoints/musicgen_lite_melody/eval.json
