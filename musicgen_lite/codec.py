@@ -55,6 +55,7 @@ class CodecConfig:
     compress: int = 2  # residual blocks squeeze channels by this factor
     lstm_layers: int = 2
     causal: bool = False  # MusicGen's 32 kHz EnCodec is non-causal
+    activation: str = "elu"  # "elu" (EnCodec) or "snake" (x + sin^2(a x) / a, learned a per channel: DAC's choice)
     pad_mode: str = "reflect"
     true_skip: bool = True  # identity shortcut in residual blocks (else a 1x1 conv)
     trim_right_ratio: float = 1.0  # causal transposed convs: share of the trim taken on the right
@@ -225,16 +226,41 @@ class SLSTM(nn.Module):
         return y.permute(1, 2, 0)
 
 
+class Snake1d(nn.Module):
+    """``x + sin(a x)^2 / a`` with a learned frequency ``a`` per channel (Ziyin et al., 2020).
+
+    A periodic activation: DAC (Kumar et al., 2023) found that it reproduces pitch better and
+    sooner than ELU in a SEANet-style codec. ``a`` starts at 1.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.alpha.to(x.dtype)
+        return x + torch.sin(a * x).pow(2) / (a + 1e-9)
+
+
+def activation(name: str, channels: int) -> nn.Module:
+    """The codec's nonlinearity: ``"elu"`` (EnCodec) or ``"snake"`` (:class:`Snake1d`)."""
+    if name == "elu":
+        return nn.ELU()
+    if name == "snake":
+        return Snake1d(channels)
+    raise ValueError(f"activation must be 'elu' or 'snake', got {name!r}")
+
+
 class ResnetBlock(nn.Module):
     """SEANet residual block: ELU, dilated conv (C -> C/compress), ELU, 1x1 conv (-> C), plus skip."""
 
     def __init__(self, dim: int, dilation: int, kernel_size: int = 3, compress: int = 2, true_skip: bool = True,
-                 causal: bool = False, pad_mode: str = "reflect"):
+                 causal: bool = False, pad_mode: str = "reflect", act: str = "elu"):
         super().__init__()
         hidden = dim // compress
         self.block = nn.ModuleList([
-            nn.ELU(), SConv1d(dim, hidden, kernel_size, dilation=dilation, causal=causal, pad_mode=pad_mode),
-            nn.ELU(), SConv1d(hidden, dim, 1, causal=causal, pad_mode=pad_mode),
+            activation(act, dim), SConv1d(dim, hidden, kernel_size, dilation=dilation, causal=causal, pad_mode=pad_mode),
+            activation(act, hidden), SConv1d(hidden, dim, 1, causal=causal, pad_mode=pad_mode),
         ])
         self.shortcut = nn.Identity() if true_skip else SConv1d(dim, dim, 1, causal=causal, pad_mode=pad_mode)
 
@@ -257,13 +283,13 @@ class SEANetEncoder(nn.Module):
             ch = mult * cfg.n_filters
             for j in range(cfg.n_residual_layers):
                 layers.append(ResnetBlock(ch, cfg.dilation_base ** j, cfg.residual_kernel_size, cfg.compress,
-                                          cfg.true_skip, **conv))
-            layers += [nn.ELU(), SConv1d(ch, 2 * ch, 2 * ratio, stride=ratio, **conv)]
+                                          cfg.true_skip, act=cfg.activation, **conv))
+            layers += [activation(cfg.activation, ch), SConv1d(ch, 2 * ch, 2 * ratio, stride=ratio, **conv)]
             mult *= 2
         ch = mult * cfg.n_filters
         if cfg.lstm_layers:
             layers.append(SLSTM(ch, cfg.lstm_layers))
-        layers += [nn.ELU(), SConv1d(ch, cfg.dimension, cfg.last_kernel_size, **conv)]
+        layers += [activation(cfg.activation, ch), SConv1d(ch, cfg.dimension, cfg.last_kernel_size, **conv)]
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,13 +311,15 @@ class SEANetDecoder(nn.Module):
             layers.append(SLSTM(ch, cfg.lstm_layers))
         for ratio in cfg.ratios:
             ch = mult * cfg.n_filters
-            layers += [nn.ELU(), SConvTranspose1d(ch, ch // 2, 2 * ratio, stride=ratio, causal=cfg.causal,
-                                                  trim_right_ratio=cfg.trim_right_ratio)]
+            layers += [activation(cfg.activation, ch),
+                       SConvTranspose1d(ch, ch // 2, 2 * ratio, stride=ratio, causal=cfg.causal,
+                                        trim_right_ratio=cfg.trim_right_ratio)]
             for j in range(cfg.n_residual_layers):
                 layers.append(ResnetBlock(ch // 2, cfg.dilation_base ** j, cfg.residual_kernel_size, cfg.compress,
-                                          cfg.true_skip, **conv))
+                                          cfg.true_skip, act=cfg.activation, **conv))
             mult //= 2
-        layers += [nn.ELU(), SConv1d(cfg.n_filters, cfg.channels, cfg.last_kernel_size, **conv)]
+        layers += [activation(cfg.activation, cfg.n_filters), SConv1d(cfg.n_filters, cfg.channels, cfg.last_kernel_size,
+                                                                     **conv)]
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

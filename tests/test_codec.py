@@ -196,3 +196,27 @@ def test_checkpoint_roundtrip_is_atomic_and_unpickled(tmp_path):
     assert json.loads((path / "config.json").read_text())["config"]["bins"] == 256
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing")
+
+
+def test_snake_activation_codec_round_trips(tmp_path):
+    from musicgen_lite.codec import Snake1d
+    from musicgen_lite.hub import load_codec, save_checkpoint
+
+    x = torch.linspace(-3, 3, 101).view(1, 1, -1)
+    snake = Snake1d(1)
+    with torch.no_grad():
+        snake.alpha.fill_(2.0)
+    torch.testing.assert_close(snake(x), x + torch.sin(2 * x) ** 2 / 2)
+    torch.manual_seed(0)
+    model = CompressionModel(codec_config("tiny", activation="snake"))
+    assert sum(isinstance(m, Snake1d) for m in model.modules()) > 0
+    wav = torch.randn(2, 1, 1600)
+    out = model(wav)
+    (out.wav.pow(2).mean() + out.vq_loss).backward()
+    assert all(m.alpha.grad is not None for m in model.modules() if isinstance(m, Snake1d))
+    save_checkpoint(tmp_path / "c", model, model.config.to_dict())
+    back = load_codec(tmp_path / "c")
+    model.eval()
+    assert back.config.activation == "snake" and torch.equal(back.encode(wav), model.encode(wav))
+    with pytest.raises(ValueError, match="activation"):
+        CompressionModel(codec_config("tiny", activation="relu"))
