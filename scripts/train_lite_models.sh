@@ -5,9 +5,9 @@ set -euo pipefail
 MLITE=${MLITE:-.venv/bin/musicgen-lite}
 CODEC=data/checkpoints/codec_lite
 
-# 1. the codec (hours; resumes from runs/codec_lite2), then its export + model card:
-#    $MLITE train codec runs/codec_lite2 --scale lite --steps 200000 --max-minutes 150 --threads 2
-#    .venv/bin/python -m musicgen_lite.codec_card runs/codec_lite2 $CODEC "musicgen-lite train codec runs/codec_lite2 --scale lite --steps 200000"
+# 1. the codec (hours; resumes from runs/codec_lite_snake; the lite preset uses Snake activations), then its export + card:
+#    $MLITE train codec runs/codec_lite_snake --scale lite --steps 200000 --max-minutes 150 --threads 2
+#    .venv/bin/python -m musicgen_lite.codec_card runs/codec_lite_snake $CODEC "musicgen-lite train codec runs/codec_lite_snake --scale lite --steps 200000"
 
 # 2. data for the LM: synthetic clips with every 4th a corpus tune (melody stems kept), 16 kHz, and a held-out set
 $MLITE data make data/cache/lm_mix --n 2400 --seconds 10 --source mix --sample-rate 16000 --workers 2
