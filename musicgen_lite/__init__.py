@@ -8,12 +8,12 @@ from .patterns import PATTERNS, Pattern, get_pattern
 from .quantization import (Codebook, QuantizedResult, ResidualVectorQuantizer, VectorQuantizer, bits_per_second,
                            codebook_stats, num_quantizers_for_bandwidth)
 from .codec import CodecConfig, CompressionModel, MultiScaleMelLoss, codec_config, si_snr
-from .hub import from_transformers, load_checkpoint, load_codec, save_checkpoint
-from .training import evaluate_codec, export_codec, train_codec, train_lm
+from .hub import from_pretrained, from_transformers, load_checkpoint, load_codec, load_musicgen, save_checkpoint, save_musicgen
+from .training import evaluate_codec, export_codec, export_musicgen, train_codec, train_lm, validation_loss
 from . import sampling
-from .conditioning import (ChromaExtractor, ConditionDropout, LearnedTextConditioner, SentenceConditioner, T5Conditioner,
-                           get_conditioner)
-from .generation import MusicGen, TransformersCodec, from_transformers_musicgen
+from .conditioning import (ChromaExtractor, ConditionDropout, LearnedTextConditioner, MelodyConditioner,
+                           SentenceConditioner, T5Conditioner, get_conditioner)
+from .generation import MusicGen, TransformersCodec, from_transformers_musicgen, from_transformers_musicgen_melody
 from .lm import KVCache, LMConfig, MusicLM, from_transformers_decoder, lm_config
 from .metrics import chroma_cosine_similarity, clap_score, fad, frechet_distance, kl_divergence
 from .data import AudioDataset, TokenDataset, build_token_cache, compose, compose_corpus, make_dataset, read_manifest, render, synth_clip, write_manifest
@@ -25,10 +25,11 @@ __all__ = [
     "Codebook", "QuantizedResult", "ResidualVectorQuantizer", "VectorQuantizer", "bits_per_second", "codebook_stats",
     "num_quantizers_for_bandwidth",
     "CodecConfig", "CompressionModel", "MultiScaleMelLoss", "codec_config", "si_snr",
-    "from_transformers", "load_checkpoint", "load_codec", "save_checkpoint",
-    "evaluate_codec", "export_codec", "train_codec", "train_lm",
+    "from_pretrained", "from_transformers", "load_checkpoint", "load_codec", "load_musicgen", "save_checkpoint",
+    "save_musicgen", "evaluate_codec", "export_codec", "export_musicgen", "train_codec", "train_lm", "validation_loss",
     "sampling", "ChromaExtractor", "ConditionDropout", "LearnedTextConditioner", "SentenceConditioner", "T5Conditioner",
-    "get_conditioner", "MusicGen", "TransformersCodec", "from_transformers_musicgen",
+    "MelodyConditioner", "get_conditioner", "MusicGen", "TransformersCodec", "from_transformers_musicgen",
+    "from_transformers_musicgen_melody",
     "KVCache", "LMConfig", "MusicLM", "from_transformers_decoder", "lm_config",
     "chroma_cosine_similarity", "clap_score", "fad", "frechet_distance", "kl_divergence",
     "AudioDataset", "AudioError", "TokenDataset", "build_token_cache", "SCALES", "ScaleConfig", "compose", "compose_corpus", "get_config",

@@ -84,11 +84,29 @@ class MusicGen(nn.Module):
         return next(self.lm.parameters()).device
 
     @classmethod
-    def load(cls, path=None, device: str | torch.device = "cpu") -> "MusicGen":
-        """A saved model folder (default: the shipped one), see :func:`musicgen_lite.hub.load_musicgen`."""
-        from .hub import load_musicgen
+    def load(cls, path_or_name=None, device: str | torch.device = "cpu") -> "MusicGen":
+        """A model by folder or name.
 
-        return load_musicgen(path, device)
+        - None: the shipped default (``data/checkpoints/musicgen_lite``);
+        - a folder written by :meth:`save` (``config.json`` of format ``musicgen-lite/musicgen``):
+          :func:`musicgen_lite.hub.load_musicgen`;
+        - a transformers folder (``save_pretrained``) or a hub name such as
+          ``"facebook/musicgen-small"``: :meth:`from_pretrained` (ported and parity-checked).
+        """
+        import json
+        from pathlib import Path
+
+        from .hub import MUSICGEN_FORMAT, from_pretrained, load_musicgen
+
+        if path_or_name is None:
+            return load_musicgen(None, device)
+        folder = Path(str(path_or_name)).expanduser()
+        config = folder / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("config", {}).get("format") == MUSICGEN_FORMAT:
+            return load_musicgen(folder, device)
+        if folder.is_dir() or (not folder.exists() and "/" in str(path_or_name) and not str(path_or_name).startswith((".", "/"))):
+            return from_pretrained(str(path_or_name), device)
+        return load_musicgen(folder, device)  # a clear error naming the path
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu", **kw) -> "MusicGen":

@@ -73,3 +73,11 @@ def test_offline_hub_name_gives_a_clear_error(monkeypatch):
 def test_a_folder_without_a_model_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         from_pretrained(tmp_path)
+
+
+def test_load_dispatches_on_what_the_folder_holds(saved_musicgen, tmp_path):
+    path, hf, tok = saved_musicgen
+    model = MusicGen.load(path)  # a transformers folder -> ported and checked
+    assert model.parity["greedy_equal"]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        MusicGen.load(tmp_path / "nope")
