@@ -526,6 +526,17 @@ class CompressionModel(nn.Module):
         wav = self.prepare(wav, sample_rate)
         return self.decode(self.encode(wav, n_q))[..., : wav.shape[-1]]
 
+    @torch.no_grad()
+    def init_codebooks(self, wav: torch.Tensor) -> "CompressionModel":
+        """k-means codebooks for every level from ``wav [B, 1, N]``'s latents, as the first training
+        batch would set them (without quantizer dropout, so no level stays empty). A fresh codec's
+        codebooks are empty and map all audio to code 0; after this its codes follow the audio."""
+        was = self.training
+        self.quantizer.train()
+        self.quantizer(self.encoder(self.prepare(wav)), n_q=self.num_codebooks)
+        self.train(was)
+        return self
+
     def fold_weight_norm(self) -> "CompressionModel":
         """Replace every weight-norm parametrization by its plain weight, for export or speed.
 

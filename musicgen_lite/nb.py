@@ -286,9 +286,7 @@ def notebook_codec(quiet: bool = False):
         # one forward pass on a few synthetic clips, so that codes depend on the audio
         clips = torch.stack([synth_clip(seed=1000 + i, seconds=4.0, sample_rate=codec.sample_rate)[0][:1]
                              for i in range(8)])  # (8, 1, N)
-        with torch.no_grad():
-            codec.train()(clips)
-        codec.eval()
+        codec.eval().init_codebooks(clips)
         what = ("UNTRAINED lite codec (no trained codec in data/checkpoints/codec_lite yet; codebooks set by "
                 "k-means on a few clips): tokens follow the audio, but sounds decode to noise")
     if not quiet:

@@ -220,3 +220,14 @@ def test_snake_activation_codec_round_trips(tmp_path):
     assert back.config.activation == "snake" and torch.equal(back.encode(wav), model.encode(wav))
     with pytest.raises(ValueError, match="activation"):
         CompressionModel(codec_config("tiny", activation="relu"))
+
+
+def test_init_codebooks_makes_codes_follow_the_audio():
+    torch.manual_seed(0)
+    model = CompressionModel(codec_config("tiny")).eval()
+    wav = torch.randn(8, 1, 32_000)  # 800 frames for 256 entries (fewer frames than entries leave no residual)
+    assert model.encode(wav).unique().numel() == 1  # empty codebooks: every frame is code 0
+    model.init_codebooks(wav)
+    codes = model.encode(wav)
+    assert all(codes[:, k].unique().numel() > 10 for k in range(model.num_codebooks))
+    assert not model.training

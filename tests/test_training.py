@@ -100,10 +100,19 @@ def token_cache(tmp_path_factory):
     from musicgen_lite.data import make_dataset
     from musicgen_lite.data.dataset import build_token_cache
 
+    from musicgen_lite.training import ClipBank
+
     root = make_dataset(tmp_path_factory.mktemp("lmdata"), n=6, seconds=2.0, seed=11, sample_rate=16_000,
                         workers=1, melody_stems=False, progress=False)
     torch.manual_seed(0)
-    return build_token_cache(root, CompressionModel(codec_config("tiny")).eval(), progress=False)
+    codec = CompressionModel(codec_config("tiny")).eval()
+    codec.init_codebooks(torch.stack(ClipBank(root, 16_000).wavs))  # a fresh codec maps everything to code 0
+    cache = build_token_cache(root, codec, progress=False)
+    from musicgen_lite.data.dataset import TokenDataset
+
+    codes = torch.stack([c for c, _ in TokenDataset(cache)])
+    assert all(codes[:, k].unique().numel() > 20 for k in range(4))  # the LM tests learn real token streams
+    return cache
 
 
 def test_lm_training_resumes_exactly(tmp_path, token_cache):
