@@ -50,3 +50,31 @@ def _torch_threads():
 
     torch.set_num_threads(_test_threads())
     yield
+
+
+def make_tiny_hf_musicgen(captions, V: int = 32, K: int = 4):
+    """A tiny random transformers ``MusicgenForConditionalGeneration`` (2 kHz EnCodec, hop 4 -> 500 Hz,
+    K codebooks of V entries; 2-layer decoder 24 wide; a tiny T5 with a sentencepiece vocabulary
+    trained on ``captions``) and its tokenizer. Its codebooks are random: transformers starts them
+    at zero, which would decode every code alike."""
+    import torch
+    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
+
+    from musicgen_lite.conditioning import make_tiny_t5
+
+    t5, tok = make_tiny_t5(captions)
+    enc = EncodecConfig(sampling_rate=2000, upsampling_ratios=[2, 2], num_filters=4, hidden_size=16, codebook_size=V,
+                        codebook_dim=16, num_residual_layers=1, num_lstm_layers=1, target_bandwidths=[10.0],
+                        normalize=False)
+    dec = MusicgenDecoderConfig(vocab_size=V, num_codebooks=K, hidden_size=24, num_hidden_layers=2,
+                                num_attention_heads=4, ffn_dim=48, max_position_embeddings=128, pad_token_id=V,
+                                bos_token_id=V, decoder_start_token_id=V)
+    torch.manual_seed(0)
+    hf = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5.config, audio_encoder=enc, decoder=dec)).eval()
+    hf.text_encoder.load_state_dict(t5.state_dict())
+    with torch.no_grad():
+        for layer in hf.audio_encoder.quantizer.layers:
+            layer.codebook.embed.normal_()
+    hf.generation_config.decoder_start_token_id = V
+    hf.generation_config.pad_token_id = V
+    return hf, tok

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from musicgen_lite.conditioning import LearnedTextConditioner, make_tiny_t5
+from musicgen_lite.conditioning import LearnedTextConditioner
 from musicgen_lite.generation import MusicGen, from_transformers_musicgen
 from musicgen_lite.lm import MusicLM, lm_config
 
@@ -37,25 +37,9 @@ def toy_musicgen(max_duration=0.4, extend_stride=0.24, conditioned=True):
 
 @pytest.fixture(scope="module")
 def hf_musicgen():
-    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
+    from conftest import make_tiny_hf_musicgen
 
-    t5, tok = make_tiny_t5(CAPTIONS)
-    # 2 kHz, hop 4 -> 500 Hz; 4 codebooks of 5 bits = 10 kbps
-    enc = EncodecConfig(sampling_rate=2000, upsampling_ratios=[2, 2], num_filters=4, hidden_size=16, codebook_size=V,
-                        codebook_dim=16, num_residual_layers=1, num_lstm_layers=1, target_bandwidths=[10.0],
-                        normalize=False)
-    dec = MusicgenDecoderConfig(vocab_size=V, num_codebooks=K, hidden_size=24, num_hidden_layers=2,
-                                num_attention_heads=4, ffn_dim=48, max_position_embeddings=128, pad_token_id=V,
-                                bos_token_id=V, decoder_start_token_id=V)
-    torch.manual_seed(0)
-    hf = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5.config, audio_encoder=enc, decoder=dec)).eval()
-    hf.text_encoder.load_state_dict(t5.state_dict())
-    with torch.no_grad():  # transformers starts the codebooks at zero: every code would decode alike
-        for layer in hf.audio_encoder.quantizer.layers:
-            layer.codebook.embed.normal_()
-    hf.generation_config.decoder_start_token_id = V
-    hf.generation_config.pad_token_id = V
-    return hf, tok
+    return make_tiny_hf_musicgen(CAPTIONS, V, K)
 
 
 def test_greedy_tokens_and_audio_equal_transformers_generate(hf_musicgen):

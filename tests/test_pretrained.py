@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from musicgen_lite.conditioning import make_tiny_t5
 from musicgen_lite.generation import MusicGen
 from musicgen_lite.hub import HubUnreachableError, from_pretrained, parity_check
 
@@ -15,20 +14,9 @@ CAPTIONS = ["80s pop track with bassy drums and synth", "a sad piano piece at 70
 @pytest.fixture(scope="module")
 def saved_musicgen(tmp_path_factory):
     """A tiny random MusicgenForConditionalGeneration + tokenizer, saved as transformers saves the real ones."""
-    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
+    from conftest import make_tiny_hf_musicgen
 
-    t5, tok = make_tiny_t5(CAPTIONS)
-    enc = EncodecConfig(sampling_rate=2000, upsampling_ratios=[2, 2], num_filters=4, hidden_size=16, codebook_size=V,
-                        codebook_dim=16, num_residual_layers=1, num_lstm_layers=1, target_bandwidths=[10.0],
-                        normalize=False)
-    dec = MusicgenDecoderConfig(vocab_size=V, num_codebooks=K, hidden_size=24, num_hidden_layers=2,
-                                num_attention_heads=4, ffn_dim=48, max_position_embeddings=128, pad_token_id=V,
-                                bos_token_id=V, decoder_start_token_id=V)
-    torch.manual_seed(0)
-    hf = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5.config, audio_encoder=enc, decoder=dec)).eval()
-    hf.text_encoder.load_state_dict(t5.state_dict())
-    hf.generation_config.decoder_start_token_id = V
-    hf.generation_config.pad_token_id = V
+    hf, tok = make_tiny_hf_musicgen(CAPTIONS, V, K)
     hf.generation_config.guidance_scale = 3.0  # as the released checkpoints: the parity check must not use it
     hf.generation_config.do_sample = True
     out = tmp_path_factory.mktemp("hf") / "musicgen-tiny"
