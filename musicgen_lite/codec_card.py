@@ -72,6 +72,7 @@ def codec_report(codec, clips: torch.Tensor, opus_kbps: float = 6.0, windows=(25
     codebooks and of Opus at ``opus_kbps``: mean SI-SNR, mean shared-band mel distance, and the
     mean shared bandwidth, per system. Also the codebook usage on these clips."""
     from .codec import si_snr
+    from .metrics import chroma_cosine_similarity
 
     sr = codec.sample_rate
     systems: dict[str, list[torch.Tensor]] = {}
@@ -82,10 +83,12 @@ def codec_report(codec, clips: torch.Tensor, opus_kbps: float = 6.0, windows=(25
     rows = []
     for name, recs in systems.items():
         snr = [float(si_snr(r[None], c[None])) for r, c in zip(recs, clips)]
+        chroma = [chroma_cosine_similarity(c[None], r[None], sr) for r, c in zip(recs, clips)]
         mels, bands = zip(*(_shared_band_mel(r, c, sr, windows) for r, c in zip(recs, clips)))
         kbps = (codec.bits_per_second(int(name[0])) / 1000) if name[0].isdigit() else opus_kbps
         rows.append({"system": name, "kbps": round(kbps, 3), "si_snr": sum(snr) / len(snr),
-                     "mel": sum(mels) / len(mels), "shared_band_hz": sum(bands) / len(bands)})
+                     "mel": sum(mels) / len(mels), "shared_band_hz": sum(bands) / len(bands),
+                     "chroma_cosine": sum(chroma) / len(chroma)})
     usage = [int(codes[:, k].unique().numel()) for k in range(codes.shape[1])]
     return {"rows": rows, "codebook_entries_used": usage, "clips": int(clips.shape[0]),
             "seconds_each": clips.shape[-1] / sr, "sample_rate": sr, "systems": systems}
@@ -127,11 +130,16 @@ def write_codec_card(folder, report: dict, facts: dict, listening: str = "") -> 
     lines += [f"- **{k}**: {v}" for k, v in facts.items() if k != "title"]
     lines += ["", f"## Quality on {report['clips']} held-out clips of {report['seconds_each']:g} s "
               f"({report['sample_rate'] // 1000} kHz)", "",
-              "| system | kbps | SI-SNR (dB, higher better) | mel distance, shared band (lower better) | shared band (Hz) |",
-              "|---|---|---|---|---|"]
+              "| system | kbps | SI-SNR (dB, higher better) | mel distance, shared band (lower better) | shared band (Hz) "
+              "| chroma agreement (higher better) |",
+              "|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['system']} | {r['kbps']:.2f} | {r['si_snr']:.2f} | {r['mel']:.3f} | {r['shared_band_hz']:.0f} |")
-    lines += ["", f"Codebook entries used on these clips, per level: {report['codebook_entries_used']}.", ""]
+        lines.append(f"| {r['system']} | {r['kbps']:.2f} | {r['si_snr']:.2f} | {r['mel']:.3f} | {r['shared_band_hz']:.0f} "
+                     f"| {r.get('chroma_cosine', float('nan')):.3f} |")
+    lines += ["", "Chroma agreement: the share of sounding frames whose dominant pitch class matches the "
+              "original's (`metrics.chroma_cosine_similarity`, one-hot chroma): a pitch measure, where the mel "
+              "distance mostly judges the spectral envelope.", "",
+              f"Codebook entries used on these clips, per level: {report['codebook_entries_used']}.", ""]
     if systems:
         lines += ["![spectrograms](spectrograms.png)", ""]
     if listening:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -211,15 +212,21 @@ def codec_train_options(scale: str) -> dict:
     base = dict(batch_size=8, segment_seconds=1.0, lr=3e-4, betas=(0.5, 0.9), warmup=50, grad_clip=1.0,
                 l1_weight=0.1, mel_weight=1.0, adversarial=False, n_clips=64, clip_seconds=4.0, log_every=25,
                 sample_every=500, checkpoint_every=250,
-                mel_windows=(64, 128, 256, 512, 1024, 2048), zero_bias=True, corpus_clips=0)
+                mel_windows=(64, 128, 256, 512, 1024, 2048), mel_n_mels=64, stft_weight=0.0,
+                stft_windows=(512, 1024, 2048), zero_bias=True, corpus_clips=0, amp="auto")
     if scale == "tiny":
         base.update(batch_size=4, segment_seconds=0.5, lr=1e-3, betas=(0.9, 0.999), warmup=5, n_clips=8,
                     clip_seconds=2.0, log_every=5, sample_every=0, checkpoint_every=50,
                     mel_windows=(64, 128, 256, 512))
     elif scale == "lite":
         # checked in short runs: EnCodec's betas (0.5, 0.9) and lr 1e-3 collapsed level 1 to a few entries
+        # from step 4131 on: w // 8 mel filters per window and a linear STFT loss. In a 400-step A/B
+        # from the same checkpoint, chroma agreement on 16 held-out clips rose to 0.587 (from 0.523)
+        # against 0.561 without them, at 1.0 s a step instead of 0.78 (2 threads).
+        # From step 4531 on: bf16 autocast on the CPU. In a 300-step A/B, chroma 0.591 vs 0.575 (fp32),
+        # mel 0.719 vs 0.717, training loss 2.543 vs 2.531, at 0.67 s a step instead of 0.91.
         base.update(batch_size=16, segment_seconds=1.0, lr=3e-4, betas=(0.9, 0.999), warmup=100, n_clips=400,
-                    corpus_clips=200, clip_seconds=8.0)
+                    corpus_clips=200, clip_seconds=8.0, mel_n_mels=None, stft_weight=1.0, amp="bf16")
     elif scale == "full":
         base.update(batch_size=32, segment_seconds=1.0, lr=3e-4, warmup=1000, adversarial=True, n_clips=20_000,
                     clip_seconds=10.0, checkpoint_every=2000, sample_every=5000)
@@ -252,7 +259,8 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
     """
     from tqdm.auto import tqdm
 
-    from .codec import (Balancer, CodecConfig, CompressionModel, MultiScaleMelLoss, MultiScaleSTFTDiscriminator,
+    from .codec import (Balancer, CodecConfig, CompressionModel, MultiResolutionSTFTLoss, MultiScaleMelLoss,
+                        MultiScaleSTFTDiscriminator,
                         adversarial_losses, codec_config, discriminator_loss)
 
     opts = codec_train_options(scale)
@@ -294,11 +302,20 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
                                      source="corpus", sample_rate=cfg.sample_rate, progress=progress))
     bank = ClipBank(data, cfg.sample_rate, seed=seed)
     samples = int(round(opts["segment_seconds"] * cfg.sample_rate))
-    mel = MultiScaleMelLoss(cfg.sample_rate, windows=tuple(opts["mel_windows"])).to(device)
+    mel = MultiScaleMelLoss(cfg.sample_rate, windows=tuple(opts["mel_windows"]), n_mels=opts["mel_n_mels"]).to(device)
+    stft = MultiResolutionSTFTLoss(opts["stft_windows"]).to(device) if opts["stft_weight"] else None
     probe = bank.batch(10**9, 1, min(samples * 4, max(w.shape[-1] for w in bank.wavs))).to(device)
     log_path = out_dir / "log.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if opts["amp"] not in ("auto", "bf16", "off"):
+        raise ValueError(f"train_codec: amp must be 'auto' (bf16 on CUDA only), 'bf16' or 'off', not {opts['amp']!r}")
+    # the codec in bf16 autocast (its losses and the quantizer's distances stay fp32); on a CPU
+    # with AVX512-BF16 this about halves the step time (1.49 s vs 3.09 s per lite step, 1 thread)
+    use_bf16 = opts["amp"] == "bf16" or (opts["amp"] == "auto" and device.type == "cuda")
+    if use_bf16 and device.type == "cpu" and not _cpu_has_native_bf16():
+        warnings.warn("train_codec: this CPU has no native bf16 (AVX512-BF16/AMX): training in fp32", stacklevel=2)
+        use_bf16 = False
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     losses, log_rows = [], []
     t0 = time.perf_counter()
@@ -315,11 +332,17 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
         rec = out.wav.float()
         l1 = F.l1_loss(rec, wav)
         mel_l = mel(rec, wav)
+        stft_l = stft(rec, wav) if stft is not None else None
         optimizer.zero_grad(set_to_none=True)
         if disc is None:
             loss = opts["l1_weight"] * l1 + opts["mel_weight"] * mel_l + out.vq_loss
+            if stft_l is not None:
+                loss = loss + opts["stft_weight"] * stft_l
             loss.backward()
+            loss = loss - out.vq_loss
             values = {"l1": float(l1.detach()), "mel": float(mel_l.detach())}
+            if stft_l is not None:
+                values["stft"] = float(stft_l.detach())
         else:
             adv, fm = adversarial_losses(disc, wav, rec)
             values = balancer.backward({"l1": l1, "mel": mel_l, "adv": adv, "fm": fm}, rec, out.vq_loss)
@@ -361,6 +384,13 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
         _save(ckpt, model, optimizer, step, cfg, history, opts, disc, disc_opt, balancer)
     return {"step": step + 1 if losses else start_step, "losses": losses, "log": log_rows, "checkpoint": ckpt,
             "wall_seconds": time.perf_counter() - t0, "model": model.eval()}
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _zero_conv_biases(model: nn.Module) -> None:

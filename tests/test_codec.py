@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from musicgen_lite.audio import AudioError
-from musicgen_lite.codec import (CODEC_PRESETS, CodecConfig, CompressionModel, MultiScaleMelLoss, codec_config,
+from musicgen_lite.codec import (CODEC_PRESETS, CodecConfig, CompressionModel, MultiResolutionSTFTLoss,
+                                 MultiScaleMelLoss, codec_config,
                                  receptive_field, si_snr)
 from musicgen_lite.hub import from_transformers, load_checkpoint, load_codec, save_checkpoint
 
@@ -181,6 +182,27 @@ def test_training_forward_and_losses():
     # SI-SNR: a scaled copy is perfect, noise is bad
     assert si_snr(wav * 3, wav).min() > 60
     assert si_snr(torch.randn_like(wav), wav).max() < 0
+
+
+def test_stft_loss_values_and_pitch_resolution():
+    sr = 16_000
+    t = torch.arange(sr) / sr
+    wav = (0.3 * torch.sin(2 * math.pi * 220 * t)).view(1, 1, -1)
+    stft = MultiResolutionSTFTLoss(windows=(512, 2048))
+    assert stft(wav, wav).item() == 0.0
+    # spectral convergence by hand for one window: a half-amplitude copy gives exactly 0.5
+    one = MultiResolutionSTFTLoss(windows=(1024,))
+    mag = torch.stft(wav.flatten(0, 1), 1024, 256, window=torch.hann_window(1024), return_complex=True).abs()
+    expected = 0.5 + float((torch.log(0.5 * mag + 1e-5) - torch.log(mag + 1e-5)).abs().mean())
+    assert one(0.5 * wav, wav).item() == pytest.approx(expected, rel=1e-5)
+    # a semitone up (233 Hz) against the 220 Hz tone: the linear-frequency loss and the
+    # proportional mel filterbank see it more than a fixed 64-filter mel does
+    up = (0.3 * torch.sin(2 * math.pi * 220 * 2 ** (1 / 12) * t)).view(1, 1, -1)
+    wide = MultiScaleMelLoss(sr, windows=(2048,), n_mels=64)
+    fine = MultiScaleMelLoss(sr, windows=(2048,), n_mels=None)
+    assert fine.mels[0].n_mels == 256 and wide.mels[0].n_mels == 64
+    assert fine(up, wav) > 1.4 * wide(up, wav)  # measured: 0.434 vs 0.293
+    assert stft(up, wav) > stft(1.2 * wav, wav)
 
 
 def test_checkpoint_roundtrip_is_atomic_and_unpickled(tmp_path):

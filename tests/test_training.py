@@ -79,6 +79,21 @@ def test_unknown_option_is_an_error(tmp_path):
         train_codec(tmp_path, scale="tiny", steps=1, bogus=1)
 
 
+def test_pitch_losses_and_cpu_bf16_train(tmp_path, synth_dataset):
+    """The lite recipe's extras at toy size: proportional mel filters, the linear STFT loss
+    (logged), and bf16 autocast on the CPU; a bad ``amp`` value is an error naming it."""
+    kw = dict(scale="tiny", data=synth_dataset, progress=False, batch_size=2, log_every=1, segment_seconds=0.25,
+              mel_n_mels=None, stft_weight=1.0, stft_windows=(256, 512))
+    plain = train_codec(tmp_path / "fp32", steps=2, amp="off", **kw)
+    bf16 = train_codec(tmp_path / "bf16", steps=2, amp="bf16", **kw)
+    assert "stft" in plain["log"][-1] and plain["log"][-1]["stft"] > 0
+    assert all(torch.isfinite(torch.tensor(bf16["losses"])))
+    assert bf16["losses"][0] == pytest.approx(plain["losses"][0], rel=0.05)  # same batch, same weights at step 1
+    assert bf16["losses"][0] != plain["losses"][0]  # but bf16 arithmetic did run
+    with pytest.raises(ValueError, match="amp"):
+        train_codec(tmp_path / "bad", steps=1, amp="fp8", **kw)
+
+
 def test_adversarial_training_runs_and_resumes(tmp_path, synth_dataset):
     """The full-scale extras (MS-STFT discriminator, feature matching, balancer) at toy size."""
     kw = dict(scale="tiny", data=synth_dataset, progress=False, adversarial=True, batch_size=1, log_every=1,
