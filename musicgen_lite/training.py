@@ -544,7 +544,11 @@ def lm_train_options(scale: str) -> dict:
     """The LM recipe per scale (AdamW 0.9/0.95, weight decay 0.1, warmup + cosine, as MusicGen)."""
     base = dict(batch_size=16, segment_seconds=10.0, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup=200,
                 schedule="cosine", grad_clip=1.0, grad_accum=1, ema_decay=None, cond_dropout=0.3, amp="bf16",
-                log_every=25, checkpoint_every=250, fsdp=None, melody_dropout=0.0)
+                log_every=25, checkpoint_every=250, fsdp=None, melody_dropout=0.0, cpu_amp=False)
+    if scale == "lite":
+        # bf16 autocast on CPUs with native bf16 too: a lite step (4 x 10 s, 1 thread) took 1.87 s
+        # instead of 2.60 in fp32 on the project's machine
+        base.update(cpu_amp=True)
     if scale == "tiny":
         base.update(batch_size=4, segment_seconds=1.0, lr=3e-3, warmup=5, log_every=5, checkpoint_every=50)
     elif scale == "full":  # musicgen-small: global batch 192 x 30 s, lr 1e-4 (run with torchrun on GPUs)
@@ -739,7 +743,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     if local % accum:
         raise ValueError(f"the per-process batch {local} must be divisible by grad_accum={accum}")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts["amp"])
-    use_amp = device.type == "cuda" and amp is not None
+    use_amp = amp is not None and (device.type == "cuda" or (device.type == "cpu" and opts["cpu_amp"]
+                                                             and amp == torch.bfloat16 and _cpu_has_native_bf16()))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp == torch.float16)
     log_path = out_dir / "log.jsonl"
     if rank == 0:

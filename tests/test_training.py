@@ -143,6 +143,21 @@ def test_lm_training_resumes_exactly(tmp_path, token_cache):
         assert torch.equal(p, q), n
 
 
+def test_lm_cpu_bf16_option(tmp_path, token_cache):
+    """``cpu_amp``: bf16 autocast on a CPU with native bf16 (else fp32, as without the option)."""
+    from musicgen_lite.training import _cpu_has_native_bf16, train_lm
+
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False, steps=2, seed=1)
+    plain = train_lm(tmp_path / "fp32", token_cache, **kw)["losses"]
+    mixed = train_lm(tmp_path / "bf16", token_cache, cpu_amp=True, **kw)["losses"]
+    assert all(math.isfinite(x) for x in mixed)
+    assert mixed[0] == pytest.approx(plain[0], rel=0.02)
+    if _cpu_has_native_bf16():
+        assert mixed[0] != plain[0]
+    else:
+        assert mixed == plain
+
+
 def test_lm_training_learns_and_logs(tmp_path, token_cache):
     import json
 
