@@ -562,9 +562,11 @@ class MultiScaleMelLoss(nn.Module):
     ``n_mels`` capped so that no filter is empty at small windows. Small windows judge
     timing, large ones pitch; together they judge what an ear judges. ``n_mels=None`` gives
     each window ``w // 8`` filters (DAC's proportional layout): 256 at a 2048 window, which at
-    16 kHz spaces the filters about 12 Hz apart below 1 kHz, a semitone at 200 Hz. With a
-    fixed 64 the spacing is about 47 Hz there, and a decoder that outputs a comb at its 50 Hz
-    frame rate looks almost like the right harmonics.
+    16 kHz spaces the filters about 12 Hz apart below 1 kHz, a semitone at 200 Hz; with a
+    fixed 64 the spacing is about 47 Hz there. Measured on a 220 Hz note against a comb of
+    50 Hz harmonics with the same envelope (what our lite decoder produced early on), relative
+    to the penalty for a 20% louder note: 3.6 with 64 filters, 4.1 with ``w // 8``, 4.7 for
+    :class:`MultiResolutionSTFTLoss`. A modest gain, in line with the training A/B.
     """
 
     def __init__(self, sample_rate: int, windows=(64, 128, 256, 512, 1024, 2048), n_mels: int | None = 64,
