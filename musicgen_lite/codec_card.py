@@ -179,7 +179,8 @@ def _wall_seconds(log_path: Path) -> float:
 def export_with_card(run_dir, out_dir, command: str, listening: str = "", n_heldout: int = 8,
                      heldout_seconds: float = 4.0) -> Path:
     """A codec training run -> ``out_dir``: fp16 weights (when fp16 quality holds: its mel distance
-    within 1% of fp32's on the held-out clips, else fp32), ``README.md`` model card, figure, report."""
+    within 1% of fp32's on the held-out clips, else fp32; without the training-only EMA sums),
+    ``README.md`` model card, figure, report."""
     from .hub import load_codec
     from .training import export_codec
 
@@ -191,12 +192,12 @@ def export_with_card(run_dir, out_dir, command: str, listening: str = "", n_held
     full = load_codec(out_dir)
     clips = heldout_clips(full.sample_rate, n_heldout, n_heldout, heldout_seconds)
     report = codec_report(full, clips)
-    export_codec(run_dir, out_dir, dtype=torch.float16)
+    export_codec(run_dir, out_dir, dtype=torch.float16, inference_only=True)
     half = load_codec(out_dir)
     half_report = codec_report(half, clips)
     mel32, mel16 = report["rows"][3]["mel"], half_report["rows"][3]["mel"]
     if mel16 > 1.01 * mel32:
-        export_codec(run_dir, out_dir, dtype=None)
+        export_codec(run_dir, out_dir, dtype=None, inference_only=True)
         report, stored = report, "fp32 (fp16 lost quality)"
     else:
         report, stored = half_report, "fp16"
@@ -210,8 +211,10 @@ def export_with_card(run_dir, out_dir, command: str, listening: str = "", n_held
                     "999123 (never trained on)",
         "steps": extra.get("step"),
         "wall time": f"{_wall_seconds(run_dir / 'log.jsonl') / 3600:.1f} h on the 2-core CI machine (CPU)",
-        "losses": f"mel + {opts.get('l1_weight')} x L1 + commitment; adversarial: {opts.get('adversarial')}; "
-                  f"lr {opts.get('lr')}, betas {opts.get('betas')}",
+        "losses": f"mel ({'w/8' if opts.get('mel_n_mels', 64) is None else opts.get('mel_n_mels', 64)} filters "
+                  f"per window) + {opts.get('l1_weight')} x L1 + {opts.get('stft_weight', 0.0)} x linear STFT + "
+                  f"commitment; adversarial: {opts.get('adversarial')}; lr {opts.get('lr')}, betas {opts.get('betas')}; "
+                  f"autocast: {opts.get('amp', 'auto')} (the options of the latest session)",
         "parameters": f"{sum(p.numel() for p in full.parameters()) / 1e6:.2f} M",
         "weights stored as": f"{stored} (fp16 vs fp32 mel distance at 4 codebooks: {mel16:.4f} vs {mel32:.4f})",
         "command": f"`{command}`",

@@ -109,7 +109,15 @@ def load_codec(path, device: str | torch.device = "cpu"):
 
     state, config, _ = load_checkpoint(path, device)
     model = CompressionModel(CodecConfig.from_dict(config))
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    for name, module in model.named_modules():  # an inference-only export has no EMA sums: rebuild them
+        key = f"{name}.embed_avg"
+        if hasattr(module, "embed_avg") and key not in state and f"{name}.embed" in state:
+            size = state[f"{name}.cluster_size"]
+            total = size.sum()
+            smoothed = (size + module.epsilon) / (total + size.numel() * module.epsilon) * total
+            state[key] = state[f"{name}.embed"] * smoothed.unsqueeze(1)
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 

@@ -441,15 +441,20 @@ def write_samples(folder, model, wav: torch.Tensor, step: int) -> list[Path]:
     return paths
 
 
-def export_codec(run_dir, out_dir, dtype: torch.dtype | None = torch.float16, extra: dict | None = None) -> Path:
+def export_codec(run_dir, out_dir, dtype: torch.dtype | None = torch.float16, extra: dict | None = None,
+                 inference_only: bool = False) -> Path:
     """A training run's latest codec weights (no optimizer) as a shippable checkpoint folder.
 
     Stores floating tensors as ``dtype`` (fp16 halves the size; :func:`musicgen_lite.hub.load_codec`
     reads them back as fp32). ``extra`` (data, steps, wall time, command, metrics) goes into
-    ``config.json`` for the model card.
+    ``config.json`` for the model card. ``inference_only`` leaves out the codebooks' EMA sums
+    (``embed_avg``, only k-means updates read them: 1 MB of the lite codec's 7.4);
+    :func:`~musicgen_lite.hub.load_codec` rebuilds them from ``embed`` and ``cluster_size``.
     """
     tensors, config, meta = load_checkpoint(Path(run_dir) / "checkpoint")
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    if inference_only:
+        state = {k: v for k, v in state.items() if not k.endswith("codebook.embed_avg")}
     info = {"step": meta.get("step"), "options": meta.get("options"), **(extra or {})}
     return save_checkpoint(out_dir, state, config, info, dtype=dtype)
 

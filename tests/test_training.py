@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from musicgen_lite.hub import load_codec
+from musicgen_lite.hub import load_checkpoint, load_codec
 from musicgen_lite.training import (ClipBank, export_codec, load_training_state, lr_at, save_training_state,
                                     train_codec)
 
@@ -72,6 +72,20 @@ def test_resume_is_exact_and_loss_falls(tmp_path, synth_dataset):
     half = export_codec(tmp_path / "whole", tmp_path / "ship16")
     assert (half / "model.safetensors").stat().st_size < (tmp_path / "ship32" / "model.safetensors").stat().st_size
     assert load_codec(half).decode(exact.encode(wav)).shape == (1, 1, 3200)
+    # inference-only: no EMA sums stored; loading rebuilds them as embed x smoothed count, so an
+    # EMA update that saw no frames would leave every entry where it is
+    lean = export_codec(tmp_path / "whole", tmp_path / "lean32", dtype=None, inference_only=True)
+    assert not any(k.endswith("embed_avg") for k in load_checkpoint(lean)[0])
+    rebuilt = load_codec(lean)
+    assert torch.equal(rebuilt.encode(wav), exact.encode(wav))
+    for (name, a), b in zip(exact.state_dict().items(), rebuilt.state_dict().values()):
+        if not name.endswith("embed_avg"):
+            assert torch.equal(a, b), name
+    for layer in rebuilt.quantizer.layers:
+        cb = layer.codebook
+        total = cb.cluster_size.sum()
+        smoothed = (cb.cluster_size + cb.epsilon) / (total + cb.bins * cb.epsilon) * total
+        torch.testing.assert_close(cb.embed_avg / smoothed.unsqueeze(1), cb.embed)
 
 
 def test_unknown_option_is_an_error(tmp_path):
