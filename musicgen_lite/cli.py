@@ -214,6 +214,24 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    import torch
+
+    from .studies import format_study, run_study
+
+    torch.set_num_threads(args.threads)
+    extra = {k: v for k, v in (("batch_size", args.batch_size), ("segment_seconds", args.segment_seconds)) if v}
+    table = run_study(args.study, args.tokens, args.heldout, args.codec, args.out, args.runs, steps=args.steps,
+                      scale=args.scale, n_eval=args.n_eval, eval_duration=args.duration,
+                      max_minutes=args.max_minutes, seed=args.seed, variants=args.variants,
+                      progress=not args.quiet, command="musicgen-lite " + shlex.join(sys.argv[1:]), **extra)
+    print(format_study(table))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musicgen-lite", description="Rebuild MusicGen step by step: data, models, benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -333,6 +351,27 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("--out", required=True, help="model folder to write")
     el.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
     el.set_defaults(func=_cmd_export_lm)
+
+    st = sub.add_parser("study", help="train and measure LM variants on the same tokens and budget: "
+                                      "patterns | scaling | text_encoders (resumable)")
+    st.add_argument("study", choices=["patterns", "scaling", "text_encoders"])
+    st.add_argument("--tokens", required=True, help="training token cache (from `tokenize`)")
+    st.add_argument("--heldout", required=True, help="held-out token cache (validation loss)")
+    st.add_argument("--codec", required=True, help="codec checkpoint folder the tokens came from")
+    st.add_argument("--out", required=True, help="the results table (JSON); finished rows are kept")
+    st.add_argument("--runs", default="runs/studies", help="where the variants train (default runs/studies)")
+    st.add_argument("--steps", type=int, required=True, help="training steps of every variant (the budget)")
+    st.add_argument("--scale", default="lite", choices=["tiny", "lite", "full"])
+    st.add_argument("--variants", nargs="+", default=None, help="only these variants (default: all)")
+    st.add_argument("--n-eval", type=int, default=100, help="held-out captions to evaluate (default 100)")
+    st.add_argument("--duration", type=float, default=6.0, help="seconds per evaluated clip (default 6)")
+    st.add_argument("--batch-size", type=int, default=None)
+    st.add_argument("--segment-seconds", type=float, default=None)
+    st.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--threads", type=int, default=2)
+    st.add_argument("--quiet", action="store_true", help="no progress bars")
+    st.set_defaults(func=_cmd_study)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks against peers")
     b.add_argument("name", help="benchmark name, or 'all'")

@@ -165,15 +165,9 @@ def heldout_clips(sample_rate: int, n_synth: int = 8, n_corpus: int = 8, seconds
 
 
 def _wall_seconds(log_path: Path) -> float:
-    """Training wall time from a run's log: each session's ``seconds`` restarts at 0, so sum the
-    last value of every session."""
-    total, last = 0.0, 0.0
-    for line in log_path.read_text().splitlines():
-        s = json.loads(line).get("seconds", 0.0)
-        if s < last:
-            total += last
-        last = s
-    return total + last
+    from .training import log_wall_seconds
+
+    return log_wall_seconds(log_path)
 
 
 def export_with_card(run_dir, out_dir, command: str, listening: str = "", n_heldout: int = 8,

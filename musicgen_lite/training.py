@@ -386,6 +386,20 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
             "wall_seconds": time.perf_counter() - t0, "model": model.eval()}
 
 
+def log_wall_seconds(log) -> float:
+    """Training wall time from a run's ``log.jsonl`` (a path, or its rows as dicts): each session's
+    ``seconds`` restarts at 0, so this sums the last value of every session."""
+    if isinstance(log, (str, Path)):
+        log = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+    total, last = 0.0, 0.0
+    for row in log:
+        s = row.get("seconds", 0.0)
+        if s < last:
+            total += last
+        last = s
+    return total + last
+
+
 def _cpu_has_native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -70,7 +70,8 @@ def test_repair_script_leaves_a_working_torchaudio_alone():
 
 @pytest.mark.parametrize("args", [["--help"], ["data", "make", "--help"], ["data", "manifest", "--help"],
                                   ["demo", "--help"], ["bench", "--help"],
-                                  ["train", "codec", "--help"], ["train", "lm", "--help"], ["train", "tagger", "--help"], ["tokenize", "--help"]])
+                                  ["train", "codec", "--help"], ["train", "lm", "--help"], ["train", "tagger", "--help"], ["tokenize", "--help"],
+                                  ["study", "--help"]])
 def test_cli_help(args):
     out = subprocess.run([sys.executable, "-m", "musicgen_lite.cli", *args], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: musicgen-lite" in out.stdout

@@ -1,0 +1,192 @@
+"""Ahead-of-time LM studies: one thing changed at a time, the same data and token budget.
+
+Three studies, each a list of variants trained by :func:`~musicgen_lite.training.train_lm` on
+the same token cache with the same recipe, steps, batch and segment (so every variant sees the
+same tokens), then measured the same way:
+
+- ``patterns``: the codebook interleaving (``flatten``, ``delay``, ``parallel``,
+  ``coarse_first``, ``partial_delay``), as the paper's Table 3 (notebook 08);
+- ``scaling``: three LM sizes around the lite preset (notebook 07);
+- ``text_encoders``: the learned encoder, all-MiniLM-L6-v2 and T5 (T5 only where the model hub
+  can be reached; offline it is recorded as skipped) (notebook 05).
+
+Each finished variant adds one row to a JSON table (written atomically after every row):
+validation loss on a held-out token cache (per codebook too), then the model exported with
+its codec and scored by :func:`musicgen_lite.evaluation.evaluate` on held-out captions (FAD,
+KL, CLAP, attribute accuracy), plus the wall time to generate 10 s and, for patterns, the
+decoding steps for 10 s and 30 s. Runs are resumable: a call trains until its time budget,
+checkpoints, and the next call continues; finished rows are never recomputed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+STUDIES = ("patterns", "scaling", "text_encoders")
+PATTERN_STUDY = ("flatten", "delay", "parallel", "coarse_first", "partial_delay")
+# around the lite preset (256 x 6 layers): half and 1.5x the width, fewer and more layers
+SCALING_SIZES = {
+    "lite": {"S": dict(dim=128, num_layers=4, num_heads=4, ffn_dim=512),
+             "M": dict(dim=256, num_layers=6, num_heads=8, ffn_dim=1024),
+             "L": dict(dim=384, num_layers=8, num_heads=8, ffn_dim=1536)},
+    "tiny": {"S": dict(dim=16, num_layers=1, num_heads=2, ffn_dim=32),
+             "M": dict(dim=32, num_layers=2, num_heads=4, ffn_dim=64),
+             "L": dict(dim=48, num_layers=3, num_heads=4, ffn_dim=96)},
+}
+
+
+def study_variants(study: str, scale: str = "lite") -> list[dict]:
+    """The variants of ``study``: dicts with ``name`` and the :func:`train_lm` arguments they set."""
+    from .lm import lm_config
+
+    if study == "patterns":
+        return [{"name": p, "pattern": p} for p in PATTERN_STUDY]
+    if study == "scaling":
+        sizes = SCALING_SIZES["tiny" if scale == "tiny" else "lite"]
+        return [{"name": name, "lm": lm_config("tiny" if scale == "tiny" else "lite", **kw)} for name, kw in sizes.items()]
+    if study == "text_encoders":
+        return [{"name": "learned", "conditioner": "learned"}, {"name": "minilm", "conditioner": "minilm"},
+                {"name": "t5", "conditioner": "t5"}]
+    raise ValueError(f"unknown study {study!r}: choose one of {', '.join(STUDIES)}")
+
+
+def _write_atomic(path: Path, table: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    tmp.replace(path)
+
+
+def _frame_rate(tokens) -> float:
+    from .data.dataset import TokenDataset
+
+    return float(TokenDataset(tokens).fingerprint["frame_rate"])
+
+
+def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, steps: int, scale: str = "lite",
+              n_eval: int = 100, eval_duration: float = 6.0, max_minutes: float | None = None, seed: int = 0,
+              variants: list[str] | None = None, eval_captions=None, eval_kw: dict | None = None,
+              progress: bool = True, command: str = "", **train_options) -> dict:
+    """Train and measure every variant of ``study`` that ``out_json`` does not hold yet.
+
+    Args:
+        tokens / heldout_tokens: token caches (training / validation) made by the same ``codec``.
+        codec: the codec checkpoint folder the tokens came from (for export and listening).
+        out_json: the table; rows already there are kept and skipped.
+        runs_dir: where each variant trains (``runs_dir/study/name``), resumable.
+        steps: the budget of every variant (with the recipe's batch and segment: equal tokens).
+        max_minutes: stop (checkpointed) once this much time has passed; call again to go on.
+        variants: only these names (default: all of the study).
+        eval_captions: a caption folder for :func:`~musicgen_lite.evaluation.evaluate` (default:
+            its synthetic held-out set). ``eval_kw``: more :func:`evaluate` arguments (``tagger``,
+            ``clap``, ``batch_size``, sampling options).
+        **train_options: recipe overrides for every variant (``batch_size``, ``segment_seconds`` ...).
+
+    Returns the table: ``study``, ``setup``, ``rows`` (one per finished variant), ``skipped``,
+    ``pending`` (names not finished when time ran out).
+    """
+    from .evaluation import evaluate
+    from .generation import MusicGen
+    from .training import export_musicgen, lm_train_options, log_wall_seconds, train_lm, validation_loss
+
+    out_json, runs_dir = Path(out_json), Path(runs_dir)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    all_variants = study_variants(study, scale)
+    if variants is not None:
+        unknown = set(variants) - {v["name"] for v in all_variants}
+        if unknown:
+            raise ValueError(f"unknown {study} variants {sorted(unknown)}: choose from "
+                             f"{[v['name'] for v in all_variants]}")
+        all_variants = [v for v in all_variants if v["name"] in variants]
+    recipe = {**lm_train_options(scale), **train_options}
+    table = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    table.update({"study": study, "setup": {
+        "scale": scale, "steps": steps, "batch_size": recipe["batch_size"], "segment_seconds": recipe["segment_seconds"],
+        "tokens_seen": steps * recipe["batch_size"] * round(recipe["segment_seconds"] * _frame_rate(tokens)),
+        "tokens": str(tokens), "heldout_tokens": str(heldout_tokens), "codec": str(codec), "seed": seed,
+        "eval": {"n": n_eval, "duration": eval_duration}, "command": command or table.get("setup", {}).get("command", ""),
+    }})
+    table.setdefault("rows", [])
+    table.setdefault("skipped", {})
+    done = {r["name"] for r in table["rows"]}
+    t0 = time.perf_counter()
+    pending = []
+    for variant in all_variants:
+        name = variant["name"]
+        if name in done or name in table["skipped"]:
+            continue
+        left = None if max_minutes is None else max_minutes * 60 - (time.perf_counter() - t0)
+        if left is not None and left <= 0:
+            pending.append(name)
+            continue
+        kwargs = {k: v for k, v in variant.items() if k != "name"}
+        kwargs.setdefault("lm", "tiny" if scale == "tiny" else "lite")
+        run_dir = runs_dir / study / name
+        try:
+            run = train_lm(run_dir, tokens, scale=scale, steps=steps, seed=seed, progress=progress,
+                           max_seconds=left, **kwargs, **train_options)
+        except Exception as exc:  # T5 offline: record and go on with the others
+            from .hub import HubUnreachableError
+
+            if isinstance(exc, (HubUnreachableError, OSError)) and kwargs.get("conditioner") == "t5":
+                table["skipped"][name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                _write_atomic(out_json, table)
+                continue
+            raise
+        if run["step"] < steps:
+            pending.append(name)
+            break
+        task = run["model"]
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        val = validation_loss(task, heldout_tokens, recipe["segment_seconds"])
+        model_dir = export_musicgen(run_dir, codec, run_dir / "model", dtype=None)
+        model = MusicGen.load(model_dir)
+        t1 = time.perf_counter()
+        model.generate(["a calm piano piece"], duration=10.0, seed=seed, progress=False)
+        gen_seconds = time.perf_counter() - t1
+        ev = evaluate(model, captions=eval_captions, n=n_eval, duration=eval_duration, seed=seed, progress=progress,
+                      **(eval_kw or {}))
+        frames_10, frames_30 = round(10 * model.frame_rate), round(30 * model.frame_rate)
+        pattern = model.pattern
+        row = {
+            "name": name, "params_m": sum(p.numel() for p in task.parameters() if p.requires_grad) / 1e6,
+            "lm_params_m": sum(p.numel() for p in task.lm.parameters()) / 1e6,
+            "val_loss": val["loss"], "val_per_codebook": val["per_codebook"],
+            "train_loss_last": sum(r["loss"] for r in log[-4:]) / max(1, len(log[-4:])),
+            "train_seconds": log_wall_seconds(log),
+            "steps_10s": pattern.num_steps(frames_10), "steps_30s": pattern.num_steps(frames_30),
+            "gen_seconds_10s": gen_seconds,
+            "fad": ev["fad"]["value"], "kl": ev["kl"]["kl_ref_gen"], "kl_gen_ref": ev["kl"]["kl_gen_ref"],
+            "clap": ev["clap"]["value"],
+            "attribute_accuracy": (ev["attribute_accuracy"] or {}).get("mean"),
+            "attribute_per": (ev["attribute_accuracy"] or {}).get("per_attribute"),
+        }
+        row[{"patterns": "pattern", "scaling": "size", "text_encoders": "encoder"}[study]] = name
+        table["rows"].append(row)
+        table["reference"] = ev["reference"]
+        _write_atomic(out_json, table)
+    table["pending"] = pending
+    _write_atomic(out_json, table)
+    return table
+
+
+def format_study(table: dict) -> str:
+    """The table as aligned text, one row per variant."""
+    cols = ["params_m", "val_loss", "fad", "kl", "clap", "attribute_accuracy", "steps_10s", "gen_seconds_10s"]
+    lines = [f"{table.get('study', '')}: {table.get('setup', {}).get('steps')} steps each",
+             f"{'variant':14s} " + " ".join(f"{c:>12s}" for c in cols)]
+    for r in table.get("rows", []):
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:12.3f}" if isinstance(v, float) else f"{str(v):>12s}")
+        lines.append(f"{r['name']:14s} " + " ".join(cells))
+    for name, why in table.get("skipped", {}).items():
+        lines.append(f"{name:14s} skipped: {why[:80]}")
+    if table.get("pending"):
+        lines.append(f"not finished yet: {', '.join(table['pending'])} (run again to continue)")
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""The ahead-of-time LM studies at toy size: rows, equal budgets, resume, time limits, bad input."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from musicgen_lite.patterns import get_pattern
+from musicgen_lite.studies import format_study, run_study, study_variants
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """A tiny codec (saved), its tokens for 6 training clips and 4 held-out clips with captions."""
+    from musicgen_lite.codec import CompressionModel, codec_config
+    from musicgen_lite.data import make_dataset
+    from musicgen_lite.data.dataset import build_token_cache
+    from musicgen_lite.hub import save_checkpoint
+    from musicgen_lite.training import ClipBank
+
+    root = tmp_path_factory.mktemp("study")
+    train = make_dataset(root / "train", n=6, seconds=2.0, seed=11, sample_rate=16_000, workers=1,
+                         melody_stems=False, progress=False)
+    held = make_dataset(root / "held", n=4, seconds=2.0, seed=12, sample_rate=16_000, workers=1,
+                        melody_stems=False, progress=False)
+    torch.manual_seed(0)
+    codec = CompressionModel(codec_config("tiny")).eval()
+    codec.init_codebooks(torch.stack(ClipBank(train, 16_000).wavs))
+    codec_dir = save_checkpoint(root / "codec", codec, codec.config.to_dict())
+    return (build_token_cache(train, codec, progress=False), build_token_cache(held, codec, progress=False),
+            codec_dir, held)
+
+
+@pytest.fixture(scope="module")
+def refs():
+    from musicgen_lite.metrics import load_clap, load_tagger
+
+    return load_tagger(), load_clap()
+
+
+def test_pattern_study_rows_resume_and_limits(tmp_path, caches, refs):
+    tokens, held_tokens, codec, held = caches
+    tagger, clap = refs
+    kw = dict(scale="tiny", steps=2, n_eval=2, eval_duration=1.0, eval_captions=held, progress=False,
+              eval_kw=dict(tagger=tagger, clap=clap, batch_size=2, top_k=20), batch_size=2, segment_seconds=1.0,
+              log_every=1)
+    out = tmp_path / "patterns.json"
+    table = run_study("patterns", tokens, held_tokens, codec, out, tmp_path / "runs", variants=["delay", "flatten"],
+                      **kw)
+    assert [r["pattern"] for r in table["rows"]] == ["flatten", "delay"] and table["pending"] == []  # study order
+    assert json.loads(out.read_text()) == table and not list(tmp_path.glob("*.tmp"))
+    for r in table["rows"]:
+        for key in ("val_loss", "fad", "kl", "clap", "attribute_accuracy", "gen_seconds_10s", "params_m"):
+            assert math.isfinite(r[key]), key
+        assert r["steps_10s"] == get_pattern(r["pattern"], 4).num_steps(500)
+    # flattening: 4 steps per frame; delay: one per frame plus K - 1
+    assert [r["steps_30s"] for r in table["rows"]] == [4 * 1500, 1500 + 3]
+    # equal budgets: the same steps, batch and segment, so the same tokens seen
+    assert table["setup"]["tokens_seen"] == 2 * 2 * 50
+    assert table["rows"][0]["params_m"] == table["rows"][1]["params_m"]  # only the pattern differs
+    # a second call keeps finished rows and trains nothing
+    again = run_study("patterns", tokens, held_tokens, codec, out, tmp_path / "runs", variants=["delay", "flatten"],
+                      **kw)
+    assert again["rows"] == table["rows"]
+    # no time left: nothing new runs, the rest is reported as pending
+    limited = run_study("patterns", tokens, held_tokens, codec, out, tmp_path / "runs", max_minutes=0, **kw)
+    assert set(limited["pending"]) == {"parallel", "coarse_first", "partial_delay"}
+    assert "not finished yet" in format_study(limited) and "flatten" in format_study(limited)
+
+
+def test_study_variants_and_bad_input(tmp_path, caches):
+    assert [v["name"] for v in study_variants("patterns")] == ["flatten", "delay", "parallel", "coarse_first",
+                                                                "partial_delay"]
+    sizes = [v["lm"] for v in study_variants("scaling", "lite")]
+    assert [s.dim for s in sizes] == [128, 256, 384] and sizes[1].num_layers == 6
+    assert [v["conditioner"] for v in study_variants("text_encoders")] == ["learned", "minilm", "t5"]
+    tokens, held_tokens, codec, _ = caches
+    with pytest.raises(ValueError, match="unknown study"):
+        study_variants("sizes")
+    with pytest.raises(ValueError, match="unknown patterns variants"):
+        run_study("patterns", tokens, held_tokens, codec, tmp_path / "x.json", tmp_path, steps=1, scale="tiny",
+                  variants=["zigzag"])
+    with pytest.raises(ValueError, match="steps must be"):
+        run_study("patterns", tokens, held_tokens, codec, tmp_path / "x.json", tmp_path, steps=0, scale="tiny")
