@@ -213,7 +213,7 @@ def codec_train_options(scale: str) -> dict:
                 l1_weight=0.1, mel_weight=1.0, adversarial=False, n_clips=64, clip_seconds=4.0, log_every=25,
                 sample_every=500, checkpoint_every=250,
                 mel_windows=(64, 128, 256, 512, 1024, 2048), mel_n_mels=64, stft_weight=0.0,
-                stft_windows=(512, 1024, 2048), zero_bias=True, corpus_clips=0, amp="auto")
+                stft_windows=(512, 1024, 2048), zero_bias=True, corpus_clips=0, amp="auto", freeze_encoder=False)
     if scale == "tiny":
         base.update(batch_size=4, segment_seconds=0.5, lr=1e-3, betas=(0.9, 0.999), warmup=5, n_clips=8,
                     clip_seconds=2.0, log_every=5, sample_every=0, checkpoint_every=50,
@@ -252,7 +252,11 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
         **options: override :func:`codec_train_options` (``batch_size``, ``segment_seconds``,
             ``lr``, ``warmup``, ``grad_clip``, ``l1_weight``, ``mel_weight``, ``adversarial``,
             ``log_every``, ``sample_every``, ``checkpoint_every``, ``n_clips``, ``clip_seconds``,
-            ``mel_windows``, ``schedule``, ``zero_bias``, ``corpus_clips``).
+            ``mel_windows``, ``schedule``, ``zero_bias``, ``corpus_clips``, ``mel_n_mels``,
+            ``stft_weight``, ``stft_windows``, ``amp``, ``freeze_encoder``). ``freeze_encoder``
+            trains the decoder alone: the encoder and codebooks stay fixed, so the codes, and any
+            token cache or LM made from them, stay valid (a run switching to it from joint
+            training keeps the weights and starts a fresh optimizer for the decoder).
 
     Returns a summary dict: ``step``, ``losses`` (one per step of this call), ``log`` (the
     logged rows, with per-level codebook usage), ``checkpoint`` path, ``wall_seconds``.
@@ -281,12 +285,19 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
     if opts["zero_bias"] and not (resume and (ckpt / "config.json").is_file()):
         _zero_conv_biases(model)
     disc = MultiScaleSTFTDiscriminator().to(device) if opts["adversarial"] else None
-    params = list(model.parameters())
+    frozen = bool(opts["freeze_encoder"])
+    if frozen:  # decoder-only: the codes (what an LM was trained on) stay exactly as they are
+        for module in (model.encoder, model.quantizer):
+            for p in module.parameters():
+                p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=opts["lr"], betas=tuple(opts["betas"]))
     disc_opt = torch.optim.Adam(disc.parameters(), lr=opts["lr"], betas=(0.5, 0.9)) if disc else None
     balancer = Balancer({"l1": opts["l1_weight"], "mel": opts["mel_weight"], "adv": 3.0, "fm": 3.0}) if disc else None
     if resume and (ckpt / "config.json").is_file():
-        extra = load_training_state(ckpt, model, optimizer, device=device)
+        saved = json.loads((ckpt / "config.json").read_text())["extra"].get("options", {})
+        switching = frozen and not saved.get("freeze_encoder", False)  # joint -> decoder-only: a fresh optimizer
+        extra = load_training_state(ckpt, model, None if switching else optimizer, device=device)
         start_step, history = int(extra["step"]), list(extra.get("losses", []))
         if disc is not None and (ckpt / "disc").is_dir():
             load_training_state(ckpt / "disc", disc, disc_opt, restore_rng=False, device=device)
@@ -327,8 +338,12 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
         for group in optimizer.param_groups:
             group["lr"] = lr
         wav = bank.batch(step, opts["batch_size"], samples).to(device)  # (B, 1, N)
+        n_q = None
+        if frozen:  # no codebook updates; the decoder still learns every level count (quantizer dropout)
+            model.encoder.eval(), model.quantizer.eval()
+            n_q = model.quantizer._draw_n_q(wav.shape[0], device)
         with torch.autocast(**autocast):
-            out = model(wav)
+            out = model(wav, n_q=n_q)
         rec = out.wav.float()
         l1 = F.l1_loss(rec, wav)
         mel_l = mel(rec, wav)

@@ -108,6 +108,28 @@ def test_pitch_losses_and_cpu_bf16_train(tmp_path, synth_dataset):
         train_codec(tmp_path / "bad", steps=1, amp="fp8", **kw)
 
 
+def test_decoder_only_training_keeps_the_codes(tmp_path, synth_dataset):
+    """``freeze_encoder``: after joint training, the decoder goes on alone; the codes and the
+    token fingerprint stay the same, the decoder changes, and the run resumes exactly."""
+    from musicgen_lite.data.dataset import codec_fingerprint
+
+    kw = dict(scale="tiny", data=synth_dataset, progress=False, batch_size=2, log_every=1, segment_seconds=0.25)
+    joint = train_codec(tmp_path / "run", steps=3, **kw)["model"]
+    wav = ClipBank(synth_dataset, 16_000).wavs[0][None, :, :16_000]
+    codes, fp = joint.encode(wav), codec_fingerprint(joint)
+    decoder = {k: v.clone() for k, v in joint.decoder.state_dict().items()}
+    tuned = train_codec(tmp_path / "run", steps=6, freeze_encoder=True, **kw)  # switches: fresh optimizer
+    model = tuned["model"]
+    assert torch.equal(model.encode(wav), codes) and codec_fingerprint(model) == fp
+    assert any(not torch.equal(v, model.decoder.state_dict()[k]) for k, v in decoder.items())
+    assert all(math.isfinite(x) for x in tuned["losses"]) and len(tuned["losses"]) == 3
+    # a decoder-only run resumes exactly: 3 -> 6 -> 8 gives the losses of 3 -> 8 in one go
+    rest = train_codec(tmp_path / "run", steps=8, freeze_encoder=True, **kw)
+    train_codec(tmp_path / "straight", steps=3, **kw)
+    straight = train_codec(tmp_path / "straight", steps=8, freeze_encoder=True, **kw)
+    assert tuned["losses"] + rest["losses"] == straight["losses"]
+
+
 def test_adversarial_training_runs_and_resumes(tmp_path, synth_dataset):
     """The full-scale extras (MS-STFT discriminator, feature matching, balancer) at toy size."""
     kw = dict(scale="tiny", data=synth_dataset, progress=False, adversarial=True, batch_size=1, log_every=1,

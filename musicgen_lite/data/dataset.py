@@ -278,7 +278,10 @@ SILENT = -1  # the cached pitch class of a silent chroma frame (read back as the
 
 
 def codec_fingerprint(codec) -> str:
-    """A hash of a codec's configuration and weights: a token cache is valid for exactly one codec."""
+    """A hash of what decides a codec's codes: its configuration, encoder weights and codebook
+    entries. A token cache is valid for exactly the codecs that share it; the decoder and the
+    codebooks' training statistics (EMA counts and sums) are left out, so a codec whose decoder
+    kept training (``train_codec(..., freeze_encoder=True)``) still matches its tokens."""
     import hashlib
 
     h = hashlib.sha256()
@@ -287,6 +290,8 @@ def codec_fingerprint(codec) -> str:
         h.update(json.dumps(config.to_dict() if hasattr(config, "to_dict") else str(config), sort_keys=True,
                             default=str).encode())
     for name, tensor in sorted(codec.state_dict().items()):
+        if name.startswith("decoder.") or name.endswith(("embed_avg", "cluster_size")):
+            continue
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
