@@ -174,7 +174,8 @@ def _cmd_train_codec(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     extra = {"freeze_encoder": True} if args.freeze_encoder else {}
     result = train_codec(args.out, scale=args.scale, steps=args.steps, data=args.data, resume=not args.fresh,
-                         seed=args.seed, max_seconds=args.max_minutes * 60 if args.max_minutes else None, **extra)
+                         seed=args.seed, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+                         init_from=args.init_from, **extra)
     last = result["log"][-1] if result["log"] else {}
     print(json.dumps({"step": result["step"], "checkpoint": str(result["checkpoint"]),
                       "wall_seconds": round(result["wall_seconds"], 1), "last_log": last}, indent=1))
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dataset folders with data.jsonl (default: synthetic clips and corpus tunes, cached)")
     tc.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
     tc.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    tc.add_argument("--init-from", default=None,
+                    help="start a new run from this codec checkpoint folder (e.g. data/checkpoints/codec_lite)")
     tc.add_argument("--freeze-encoder", action="store_true",
                     help="train the decoder only: the codes (and token caches, LMs made from them) stay valid")
     tc.add_argument("--seed", type=int, default=0)

@@ -235,7 +235,7 @@ def codec_train_options(scale: str) -> dict:
 
 def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resume: bool = True, seed: int = 0,
                 device: str | None = None, progress: bool = True, max_seconds: float | None = None,
-                config_overrides: dict | None = None, **options) -> dict:
+                config_overrides: dict | None = None, init_from=None, **options) -> dict:
     """Train a :class:`~musicgen_lite.codec.CompressionModel` into ``out_dir``; resumable.
 
     Args:
@@ -249,6 +249,10 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
         max_seconds: stop (after checkpointing) when this much wall time has passed, so long
             runs can be split across sessions.
         config_overrides: fields of :class:`~musicgen_lite.codec.CodecConfig` to change.
+        init_from: a codec checkpoint folder (e.g. a shipped one) whose weights and config start
+            a *new* run (ignored when ``out_dir`` already holds a checkpoint). With
+            ``freeze_encoder=True`` this fine-tunes the decoder of the very codec a token cache
+            was made with, so the cache and its LMs stay valid.
         **options: override :func:`codec_train_options` (``batch_size``, ``segment_seconds``,
             ``lr``, ``warmup``, ``grad_clip``, ``l1_weight``, ``mel_weight``, ``adversarial``,
             ``log_every``, ``sample_every``, ``checkpoint_every``, ``n_clips``, ``clip_seconds``,
@@ -278,11 +282,20 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
 
     cfg = codec_config(scale, **(config_overrides or {}))
     start_step, history = 0, []
-    if resume and (ckpt / "config.json").is_file():
+    resuming = resume and (ckpt / "config.json").is_file()
+    initial = None
+    if resuming:
         cfg = CodecConfig.from_dict(json.loads((ckpt / "config.json").read_text())["config"])
+    elif init_from is not None:
+        from .hub import load_codec
+
+        initial = load_codec(init_from)
+        cfg = initial.config
     torch.manual_seed(seed)
     model = CompressionModel(cfg).to(device).train()
-    if opts["zero_bias"] and not (resume and (ckpt / "config.json").is_file()):
+    if initial is not None:
+        model.load_state_dict(initial.state_dict())
+    elif opts["zero_bias"] and not resuming:
         _zero_conv_biases(model)
     disc = MultiScaleSTFTDiscriminator().to(device) if opts["adversarial"] else None
     frozen = bool(opts["freeze_encoder"])

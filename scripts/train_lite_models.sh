@@ -10,6 +10,10 @@ CODEC=data/checkpoints/codec_lite
 #    $MLITE train codec runs/codec_lite_snake --scale lite --steps 200000 --max-minutes 150 --threads 2
 #    .venv/bin/python -m musicgen_lite.codec_card runs/codec_lite_snake $CODEC "musicgen-lite train codec runs/codec_lite_snake --scale lite --steps 200000"
 
+# 1b. once the LM trains on the shipped codec's tokens, the codec improves by its decoder alone (the tokens
+#    and every LM made from them stay valid), in a new run started from the shipped weights:
+#    $MLITE train codec runs/codec_lite_decoder --scale lite --init-from $CODEC --freeze-encoder --steps 200000 --max-minutes 150
+
 # 2. data for the LM: synthetic clips with every 4th a corpus tune (melody stems kept), 16 kHz, and a held-out set
 $MLITE data make data/cache/lm_mix --n 2400 --seconds 10 --source mix --sample-rate 16000 --workers 2
 $MLITE data make data/cache/lm_heldout --n 120 --seconds 10 --source mix --seed 4242 --sample-rate 16000 --workers 2

@@ -128,6 +128,11 @@ def test_decoder_only_training_keeps_the_codes(tmp_path, synth_dataset):
     train_codec(tmp_path / "straight", steps=3, **kw)
     straight = train_codec(tmp_path / "straight", steps=8, freeze_encoder=True, **kw)
     assert tuned["losses"] + rest["losses"] == straight["losses"]
+    # from a shipped (fp16) export: a new run starts from its weights; the tokens' fingerprint holds
+    shipped = load_codec(export_codec(tmp_path / "run", tmp_path / "ship", inference_only=True))
+    fine = train_codec(tmp_path / "decoder", steps=2, init_from=tmp_path / "ship", freeze_encoder=True, **kw)
+    assert codec_fingerprint(fine["model"]) == codec_fingerprint(shipped) != codec_fingerprint(model)
+    assert torch.equal(fine["model"].encode(wav), shipped.encode(wav))
 
 
 def test_adversarial_training_runs_and_resumes(tmp_path, synth_dataset):
