@@ -11,7 +11,9 @@ EnCodec's paper judges its codec against Opus, the standard speech-and-music cod
   the frequency under which 99.9% of its energy lies, and the mel loss of a pair is computed up
   to the smaller of the two, so a band-limited codec (Opus at 6 kbps keeps about 4 kHz; ours at
   16 kHz keeps 8 kHz) is not punished for empty bands alone;
-- one spectrogram figure: original, each number of codebooks, and Opus.
+- one spectrogram figure: original, each number of codebooks, and Opus;
+- the evaluation models' view (:func:`roundtrip_evaluation`): held-out captioned clips through
+  the codec, scored by attribute accuracy, CLAP and FAD next to the real clips.
 
 :func:`codec_report` computes it, :func:`write_codec_card` writes ``README.md`` and the
 figure into a checkpoint folder.
@@ -117,6 +119,61 @@ def spectrogram_figure(clip: torch.Tensor, recs: dict[str, torch.Tensor], sample
     return path
 
 
+class _Roundtrip:
+    """A stand-in "model" for :func:`~musicgen_lite.evaluation.evaluate`: for each caption it
+    returns the codec's reconstruction of that caption's real clip."""
+
+    def __init__(self, codec, wavs: torch.Tensor, infos: list[dict], sample_rate: int):
+        self.codec, self.sample_rate = codec, sample_rate
+        self.bank = {i["description"]: w for w, i in zip(wavs, infos)}
+
+    @torch.no_grad()
+    def generate(self, descriptions, duration: float = 10.0, seed=None, **kw) -> torch.Tensor:
+        from .audio import resample
+
+        x = torch.stack([self.bank[d][..., : int(round(duration * self.sample_rate))] for d in descriptions])
+        y = self.codec.decode(self.codec.encode(x, sample_rate=self.sample_rate))
+        return resample(y, self.codec.sample_rate, self.sample_rate)[..., : x.shape[-1]]
+
+
+def roundtrip_evaluation(codec, n: int = 30, duration: float = 6.0, captions=None, **evaluate_kw) -> dict:
+    """The evaluation models' view of the codec: held-out captioned clips, encoded and decoded,
+    scored by :func:`~musicgen_lite.evaluation.evaluate` as if a model had generated them.
+
+    Its attribute accuracy is the ceiling of any LM that decodes through this codec (a model
+    cannot sound more "minor" than its codec can render), next to the real clips' own.
+    Returns ``{"fad", "clap", "attribute_accuracy", "real", "noise_fad", "n", "duration"}``.
+    """
+    from .evaluation import EVAL_RATE, evaluate, heldout_set, load_clips
+
+    folder = Path(captions) if captions is not None else heldout_set(n, duration, progress=False)
+    wavs, infos = load_clips(folder, n, duration)  # at the evaluation rate
+    r = evaluate(_Roundtrip(codec, wavs, infos, EVAL_RATE), captions=folder, n=len(infos), duration=duration,
+                 progress=False, **evaluate_kw)
+    real = r["reference"]["real"]
+    return {"fad": r["fad"]["value"], "clap": r["clap"]["value"], "attribute_accuracy": r["attribute_accuracy"],
+            "real": {"clap": real["clap"]["value"], "attribute_accuracy": real["attribute_accuracy"],
+                     "fad_half_vs_half": real["fad"]["value"]},
+            "noise_fad": r["reference"]["noise"]["fad"]["value"], "n": len(infos), "duration": duration,
+            "reference_models": [r["fad"]["embedder"], r["clap"]["model"]]}
+
+
+def _roundtrip_lines(rt: dict) -> list[str]:
+    per, real = rt["attribute_accuracy"]["per_attribute"], rt["real"]["attribute_accuracy"]["per_attribute"]
+    lines = [f"## Through the evaluation models ({rt['n']} held-out captioned clips of {rt['duration']:g} s)", "",
+             "Each clip encoded and decoded at 4 codebooks, then scored as if a model had generated it "
+             "(`codec_card.roundtrip_evaluation`): the ceiling of any LM that decodes through this codec.", "",
+             "| | reconstructed | real clips |", "|---|---|---|",
+             f"| attribute accuracy (mean) | {rt['attribute_accuracy']['mean']:.3f} | "
+             f"{rt['real']['attribute_accuracy']['mean']:.3f} |"]
+    lines += [f"| {k} | {v:.3f} | {real.get(k, float('nan')):.3f} |" for k, v in per.items()]
+    lines += [f"| CLAP score | {rt['clap']:.3f} | {rt['real']['clap']:.3f} |",
+              f"| FAD vs the real clips | {rt['fad']:.2f} | {rt['real']['fad_half_vs_half']:.2f} (half vs half); "
+              f"noise: {rt['noise_fad']:.1f} |", "",
+              f"Reference models: {', '.join(rt['reference_models'])}.", ""]
+    return lines
+
+
 def write_codec_card(folder, report: dict, facts: dict, listening: str = "") -> Path:
     """``README.md`` (+ ``spectrograms.png``) in the codec checkpoint ``folder``: the facts of the run
     (data, steps, wall time, command), the report table, and what was heard."""
@@ -142,6 +199,8 @@ def write_codec_card(folder, report: dict, facts: dict, listening: str = "") -> 
               f"Codebook entries used on these clips, per level: {report['codebook_entries_used']}.", ""]
     if systems:
         lines += ["![spectrograms](spectrograms.png)", ""]
+    if report.get("roundtrip"):
+        lines += _roundtrip_lines(report["roundtrip"])
     if listening:
         lines += ["## Listening", "", listening, ""]
     (folder / "README.md").write_text("\n".join(lines))
@@ -171,7 +230,7 @@ def _wall_seconds(log_path: Path) -> float:
 
 
 def export_with_card(run_dir, out_dir, command: str, listening: str = "", n_heldout: int = 8,
-                     heldout_seconds: float = 4.0) -> Path:
+                     heldout_seconds: float = 4.0, roundtrip_n: int = 0, roundtrip_captions=None) -> Path:
     """A codec training run -> ``out_dir``: fp16 weights (when fp16 quality holds: its mel distance
     within 1% of fp32's on the held-out clips, else fp32; without the training-only EMA sums),
     ``README.md`` model card, figure, report."""
@@ -214,6 +273,8 @@ def export_with_card(run_dir, out_dir, command: str, listening: str = "", n_held
         "command": f"`{command}`",
         "_probe": clips[0],
     }
+    if roundtrip_n:
+        report["roundtrip"] = roundtrip_evaluation(load_codec(out_dir), n=roundtrip_n, captions=roundtrip_captions)
     write_codec_card(out_dir, report, facts, listening)
     return out_dir
 
@@ -222,4 +283,4 @@ if __name__ == "__main__":  # python -m musicgen_lite.codec_card RUN_DIR OUT_DIR
     import sys
 
     print(export_with_card(sys.argv[1], sys.argv[2], command=" ".join(sys.argv[3:]) or
-                           "musicgen-lite train codec RUN --scale lite"))
+                           "musicgen-lite train codec RUN --scale lite", roundtrip_n=30))

@@ -59,9 +59,31 @@ def test_export_with_card_from_a_training_run(tmp_path, synth_dataset):
 
     train_codec(tmp_path / "run", scale="tiny", steps=3, data=synth_dataset, progress=False)
     out = export_with_card(tmp_path / "run", tmp_path / "codec", command="musicgen-lite train codec RUN --scale tiny",
-                           n_heldout=2, heldout_seconds=2.0)
+                           n_heldout=2, heldout_seconds=2.0, roundtrip_n=3, roundtrip_captions=synth_dataset)
     card = (out / "README.md").read_text()
     assert "**steps**: 3" in card and "Opus 6 kbps" in card and "fp16" in card
+    assert "Through the evaluation models (3 held-out" in card and "| mode |" in card
     report = json.loads((out / "report.json").read_text())
     assert len(report["rows"]) == 5 and report["clips"] == 4
+    rt = report["roundtrip"]
+    assert rt["n"] == 3 and 0 <= rt["attribute_accuracy"]["mean"] <= 1 and rt["real"]["attribute_accuracy"]["mean"] > 0
     assert load_codec(out).num_codebooks == 4
+
+
+def test_roundtrip_evaluation_of_a_lossless_codec_is_the_real_audio(synth_dataset):
+    """A codec that changes nothing scores exactly what the real clips score."""
+    from musicgen_lite.codec_card import roundtrip_evaluation
+
+    class Identity:
+        sample_rate = 16_000
+
+        def encode(self, wav, sample_rate=None):
+            return wav
+
+        def decode(self, codes):
+            return codes
+
+    rt = roundtrip_evaluation(Identity(), n=4, duration=2.0, captions=synth_dataset)
+    assert rt["attribute_accuracy"]["per_attribute"] == rt["real"]["attribute_accuracy"]["per_attribute"]
+    assert rt["clap"] == pytest.approx(rt["real"]["clap"])
+    assert abs(rt["fad"]) < 1e-3 < rt["noise_fad"]
