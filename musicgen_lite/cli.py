@@ -109,11 +109,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--melodies {args.melodies}: no such folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = MusicGen.load(args.model, device=device)
-    result = evaluate(model, captions=args.captions, n=args.n, duration=args.duration, seed=args.seed,
-                      melodies=args.melodies, batch_size=args.batch_size, progress=not args.quiet,
-                      cfg_coef=args.cfg, top_k=args.top_k)
-    result["setup"]["model"] = str(args.model)
-    print(format_table(result))
+    if args.int8:
+        from .int8 import int8_report
+
+        result = int8_report(model, captions=args.captions, n=args.n, duration=args.duration, seed=args.seed,
+                             batch_size=args.batch_size, progress=not args.quiet, cfg_coef=args.cfg, top_k=args.top_k)
+        result["setup"]["model"] = str(args.model)
+        for name in ("fp32", "int8"):
+            r = result[name]
+            print(f"{name}: FAD {r['fad']:.3f}  KL {r['kl']:.3f}  CLAP {r['clap']:.3f}  attribute accuracy "
+                  f"{r['attribute_accuracy']}  {r['seconds']:.1f} s  LM weights {r['weight_bytes'] / 1e6:.1f} MB")
+        print(f"greedy token agreement {result['token_agreement']:.3f}; int8 speed-up {result['speedup']:.2f}x")
+    else:
+        result = evaluate(model, captions=args.captions, n=args.n, duration=args.duration, seed=args.seed,
+                          melodies=args.melodies, batch_size=args.batch_size, progress=not args.quiet,
+                          cfg_coef=args.cfg, top_k=args.top_k)
+        result["setup"]["model"] = str(args.model)
+        print(format_table(result))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -346,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--top-k", type=int, default=250)
     ev.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--int8", action="store_true",
+                    help="evaluate the model and its int8 copy side by side (+ token agreement, speed-up); CPU")
     ev.add_argument("--threads", type=int, default=2)
     ev.set_defaults(func=_cmd_evaluate)
 

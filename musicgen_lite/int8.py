@@ -86,3 +86,38 @@ def token_agreement(reference, candidate, descriptions, duration: float, seed: i
     a = reference.generate_codes(descriptions, duration=duration, top_k=1, seed=seed, progress=False)
     b = candidate.generate_codes(descriptions, duration=duration, top_k=1, seed=seed, progress=False)
     return float((a == b).float().mean())
+
+
+def int8_report(model, captions=None, n: int = 100, duration: float = 6.0, seed: int = 0,
+                agreement_captions: int = 8, **evaluate_kw) -> dict:
+    """What int8 costs and gives on a trained model: the same evaluation
+    (:func:`musicgen_lite.evaluation.evaluate`: FAD, KL, CLAP, attribute accuracy) of the fp32
+    model and of its int8 copy, same captions and seed, each with its generation wall time,
+    plus greedy :func:`token_agreement` on the first ``agreement_captions`` captions.
+
+    Returns ``{"fp32": {...}, "int8": {...}, "token_agreement", "speedup", "weight_bytes"}``.
+    """
+    import time
+
+    from .evaluation import evaluate
+
+    q = quantize_int8(model)
+    out = {}
+    for name, m in (("fp32", model), ("int8", q)):
+        t0 = time.perf_counter()
+        r = evaluate(m, captions=captions, n=n, duration=duration, seed=seed, **evaluate_kw)
+        out[name] = {"fad": r["fad"]["value"], "kl": r["kl"]["kl_ref_gen"], "clap": r["clap"]["value"],
+                     "attribute_accuracy": (r["attribute_accuracy"] or {}).get("mean"),
+                     "seconds": time.perf_counter() - t0, "weight_bytes": weight_bytes(getattr(m, "lm", m))}
+        out.setdefault("setup", r["setup"])
+    texts = _captions(captions, n, duration)[:agreement_captions]
+    out["token_agreement"] = token_agreement(model, q, texts, duration=duration, seed=seed)
+    out["speedup"] = out["fp32"]["seconds"] / out["int8"]["seconds"]
+    return out
+
+
+def _captions(captions, n: int, duration: float) -> list[str]:
+    from .evaluation import heldout_set, load_clips
+
+    folder = captions if captions is not None else heldout_set(n, duration, progress=False)
+    return [i["description"] for i in load_clips(folder, n, duration)[1]]

@@ -61,3 +61,20 @@ def test_int8_musicgen_generates_and_mostly_agrees():
     assert torch.isfinite(wav).all()
     agree = token_agreement(model, q, ["a sad piano piece", "rock with drums"], duration=0.4)
     assert agree > 0.5, agree  # greedy: one early flip changes the rest, so this is a strict number
+
+
+def test_int8_report_evaluates_both_side_by_side(synth_dataset):
+    from musicgen_lite.codec import CompressionModel, codec_config
+    from musicgen_lite.int8 import int8_report
+
+    torch.manual_seed(0)
+    codec = CompressionModel(codec_config("tiny")).eval()
+    lm = MusicLM(lm_config("tiny", bins=codec.cardinality, dim=32)).eval()
+    model = MusicGen(codec, lm, LearnedTextConditioner(output_dim=32, dim=32).eval())
+    r = int8_report(model, captions=synth_dataset, n=3, duration=1.0, agreement_captions=2, batch_size=3,
+                    progress=False, top_k=20)
+    assert set(r) >= {"fp32", "int8", "token_agreement", "speedup", "setup"}
+    assert r["int8"]["weight_bytes"] < r["fp32"]["weight_bytes"]
+    assert 0.0 <= r["token_agreement"] <= 1.0 and r["speedup"] > 0
+    for name in ("fp32", "int8"):
+        assert all(isinstance(r[name][k], float) for k in ("fad", "kl", "clap", "attribute_accuracy"))
