@@ -396,11 +396,9 @@ def bench_train(args=None) -> list[dict]:
     flops_per_frame = 6 * sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("emb."))
     device_type = "cpu"
     dtypes = [torch.float32]
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    if native:
+    from .training import _cpu_has_native_bf16
+
+    if _cpu_has_native_bf16():
         dtypes.append(torch.bfloat16)
 
     for dtype in dtypes:

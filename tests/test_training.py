@@ -103,7 +103,12 @@ def test_pitch_losses_and_cpu_bf16_train(tmp_path, synth_dataset):
     assert "stft" in plain["log"][-1] and plain["log"][-1]["stft"] > 0
     assert all(torch.isfinite(torch.tensor(bf16["losses"])))
     assert bf16["losses"][0] == pytest.approx(plain["losses"][0], rel=0.05)  # same batch, same weights at step 1
-    assert bf16["losses"][0] != plain["losses"][0]  # but bf16 arithmetic did run
+    from musicgen_lite.training import _cpu_has_native_bf16
+
+    if _cpu_has_native_bf16():
+        assert bf16["losses"][0] != plain["losses"][0]  # bf16 arithmetic did run
+    else:
+        assert bf16["losses"] == plain["losses"]  # no native bf16: the documented fp32 fallback
     with pytest.raises(ValueError, match="amp"):
         train_codec(tmp_path / "bad", steps=1, amp="fp8", **kw)
 
