@@ -680,6 +680,47 @@ class LMTask(torch.nn.Module):
         return self.lm.compute_loss(codes, self.pattern, cond, mask)
 
 
+class _LMSampler:
+    """Audio samples during LM training: the model as it is, decoded by ``codec``, to ``folder``."""
+
+    def __init__(self, task: LMTask, codec, fingerprint: dict, opts: dict, captions_from, folder, seed: int):
+        from .data.dataset import TokenDataset, codec_fingerprint
+        from .hub import load_codec
+
+        self.codec = load_codec(codec) if isinstance(codec, (str, Path)) else codec
+        if codec_fingerprint(self.codec) != fingerprint.get("codec"):
+            raise ValueError(f"sample_codec={codec}: not the codec that made the training tokens "
+                             "(its fingerprint differs); pass that codec, or a decoder-only fine-tune of it")
+        texts = opts.get("sample_texts")
+        if texts is None:
+            data = TokenDataset(captions_from)
+            texts = [data[i][1].get("description", "") for i in range(min(2, len(data)))]
+        self.task, self.texts, self.folder, self.seed = task, list(texts), Path(folder), seed
+        self.seconds = float(opts.get("sample_seconds", 5.0))
+
+    def __call__(self, step: int) -> list[str]:
+        from .audio import save_audio
+        from .generation import MusicGen
+
+        device = next(self.task.parameters()).device
+        model = MusicGen(self.codec.to(device), self.task.lm, self.task.conditioner, self.task.pattern,
+                         melody_conditioner=self.task.melody)
+        was_training = self.task.training
+        self.task.eval()
+        with torch.no_grad():
+            wav = model.generate(self.texts, duration=self.seconds, seed=self.seed * 1_000_003 + step,
+                                 progress=False).float().cpu()
+        self.task.train(was_training)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, w in enumerate(wav):
+            path = self.folder / f"step_{step:06d}_{i}.wav"
+            save_audio(path, w, self.codec.sample_rate)
+            paths.append(str(path.relative_to(self.folder.parent)))
+        (self.folder / "captions.json").write_text(json.dumps(self.texts, indent=1))
+        return paths
+
+
 def _dist() -> tuple[int, int]:
     """``(rank, world_size)``; initialises the process group when launched by torchrun."""
     import os
@@ -698,7 +739,7 @@ def _dist() -> tuple[int, int]:
 def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str | None = "learned", steps: int = 1000,
              resume: bool = True, seed: int = 0, device: str | None = None, progress: bool = True,
              max_seconds: float | None = None, pattern: str = "delay", melody: bool = False,
-             stop_after: int | None = None, **options) -> dict:
+             stop_after: int | None = None, eval_tokens=None, sample_codec=None, **options) -> dict:
     """Train a text-conditioned :class:`~musicgen_lite.lm.MusicLM` on a token cache; resumable.
 
     Args:
@@ -718,6 +759,14 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             alone), both drawn per batch from ``(seed, step)``.
         stop_after: checkpoint and stop once this step is done, as an interrupted run would,
             while the schedule still plans ``steps`` (a later call resumes to ``steps``).
+        eval_tokens: a held-out token cache: every ``eval_every`` steps (default: each checkpoint)
+            the log row also gets ``val_loss`` / ``val_per_codebook`` (:func:`validation_loss` on
+            its first ``eval_items`` windows; ``val_loss_ema`` too with EMA weights).
+        sample_codec: a codec (or its folder) that decodes the run's tokens: every
+            ``sample_every`` steps (default: every 4th checkpoint) the model generates
+            ``sample_seconds`` of audio for ``sample_texts`` (default: the first two captions of
+            the held-out cache, else of the training data), written to
+            ``samples/step_NNNNNN_i.wav`` (top-k 250, guidance 3, seeded by the step).
         **options: override the recipe (``batch_size`` is the *global* batch, split over
             processes under torchrun; ``grad_accum`` micro-batches per process and step).
 
@@ -757,6 +806,13 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         melody_cond = MelodyConditioner(fp["sample_rate"], cfg.dim, length=data.chroma_frames(segment_frames),
                                         n_chroma=settings["n_chroma"], radix2_exp=settings["radix2_exp"], argmax=True)
     task = LMTask(lm_module, text, pattern, melody=melody_cond).to(device)
+    eval_every = opts.get("eval_every") or opts["checkpoint_every"]
+    sample_every = opts.get("sample_every") or 4 * opts["checkpoint_every"]
+    if eval_tokens is not None:
+        from .data.dataset import TokenDataset as _TD
+
+        if _TD(eval_tokens).fingerprint.get("codec") != fp.get("codec"):
+            raise ValueError(f"eval_tokens={eval_tokens}: made with another codec than the training tokens {tokens}")
     use_fsdp = world > 1 and (opts["fsdp"] if opts["fsdp"] is not None else scale == "full")
     if use_fsdp:
         _shard(task, opts)
@@ -796,6 +852,13 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     log_path = out_dir / "log.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+    sampler = None
+    if sample_codec is not None and rank == 0:
+        if use_fsdp:
+            warnings.warn("sample_codec is ignored under FSDP (generation needs the whole model on one rank)")
+        else:
+            sampler = _LMSampler(task, sample_codec, fp, opts, eval_tokens if eval_tokens is not None else tokens,
+                                 out_dir / "samples", seed)
     from tqdm.auto import tqdm
 
     t0, rows, losses = time.perf_counter(), [], []
@@ -849,12 +912,22 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         losses.append(total)
         history.append(round(total, 6))
         done = step + 1
-        if rank == 0 and (done % opts["log_every"] == 0 or done == steps):
+        extra_row = {}
+        if eval_tokens is not None and (done % eval_every == 0 or done == steps):
+            # every rank runs it (FSDP gathers weights collectively); the windows are the same on each
+            val = validation_loss(task, eval_tokens, opts["segment_seconds"], max_items=opts.get("eval_items", 64))
+            extra_row.update(val_loss=round(val["loss"], 5), val_per_codebook=val["per_codebook"])
+            if ema is not None:
+                extra_row["val_loss_ema"] = round(validation_loss(ema, eval_tokens, opts["segment_seconds"],
+                                                                  max_items=opts.get("eval_items", 64))["loss"], 5)
+        if sampler is not None and (done % sample_every == 0 or done == steps):
+            extra_row["samples"] = sampler(done)
+        if rank == 0 and (done % opts["log_every"] == 0 or done == steps or extra_row):
             elapsed = time.perf_counter() - t0
             row = {"step": done, "lr": lr, "loss": total, "per_codebook": [round(float(v), 4) for v in per_cb],
                    "grad_norm": grad_norm, "cond_dropped": drop, **({"melody_dropped": drop_melody} if melody else {}),
                    "tokens_per_s": round(len(losses) * global_batch * codes.shape[1] * codes.shape[2] / max(elapsed, 1e-9)),
-                   "seconds": round(elapsed, 1)}
+                   "seconds": round(elapsed, 1), **extra_row}
             rows.append(row)
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

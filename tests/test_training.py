@@ -155,8 +155,8 @@ def test_adversarial_training_runs_and_resumes(tmp_path, synth_dataset):
 # ---------------------------------------------------------------------------------- the LM
 
 @pytest.fixture(scope="module")
-def token_cache(tmp_path_factory):
-    """A tiny codec's tokens for 6 synthetic clips of 2 s."""
+def codec_and_tokens(tmp_path_factory):
+    """A tiny codec and its tokens for 6 synthetic clips of 2 s."""
     from musicgen_lite.codec import CompressionModel, codec_config
     from musicgen_lite.data import make_dataset
     from musicgen_lite.data.dataset import build_token_cache
@@ -173,7 +173,12 @@ def token_cache(tmp_path_factory):
 
     codes = torch.stack([c for c, _ in TokenDataset(cache)])
     assert all(codes[:, k].unique().numel() > 20 for k in range(4))  # the LM tests learn real token streams
-    return cache
+    return codec, cache
+
+
+@pytest.fixture(scope="module")
+def token_cache(codec_and_tokens):
+    return codec_and_tokens[1]
 
 
 def test_lm_training_resumes_exactly(tmp_path, token_cache):
@@ -320,3 +325,34 @@ def test_validation_loss_is_the_mean_over_fixed_windows(tmp_path, token_cache):
     with torch.no_grad():
         ref, _ = task(torch.stack([c for c, _ in items]), [i["description"] for _, i in items])
     assert a["loss"] == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_lm_training_validates_and_writes_samples(tmp_path, codec_and_tokens):
+    """``eval_tokens``: validation rows in the log, equal to :func:`validation_loss` of the model at
+    that step; ``sample_codec``: audio samples on disk; neither changes the training trajectory."""
+    import json
+
+    from musicgen_lite.audio import load_audio
+    from musicgen_lite.codec import CompressionModel, codec_config
+    from musicgen_lite.training import train_lm, validation_loss
+
+    codec, cache = codec_and_tokens
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False, steps=4, checkpoint_every=2)
+    plain = train_lm(tmp_path / "plain", cache, **kw)
+    run = train_lm(tmp_path / "run", cache, eval_tokens=cache, sample_codec=codec, sample_every=4,
+                   sample_seconds=0.5, **kw)
+    assert run["losses"] == plain["losses"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert sorted(val) == [2, 4]
+    assert val[4] == pytest.approx(validation_loss(run["model"], cache, segment_seconds=1.0)["loss"], abs=1e-5)
+    assert len(rows[-1]["val_per_codebook"]) == 4
+    samples = [r["samples"] for r in rows if "samples" in r]
+    assert samples == [["samples/step_000004_0.wav", "samples/step_000004_1.wav"]]
+    wav, sr = load_audio(tmp_path / "run" / samples[0][0])
+    assert sr == codec.sample_rate and wav.shape[-1] == pytest.approx(0.5 * sr, abs=codec.hop_length)
+    assert float(wav.abs().max()) > 0
+    torch.manual_seed(1)
+    other = CompressionModel(codec_config("tiny")).eval()  # not the codec that made the tokens
+    with pytest.raises(ValueError, match="sample_codec"):
+        train_lm(tmp_path / "bad", cache, sample_codec=other, **kw)
