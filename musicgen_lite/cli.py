@@ -153,8 +153,13 @@ def _spectrogram_png(wav, sample_rate: int, path: Path, title: str) -> None:
 def _cmd_export_lm(args: argparse.Namespace) -> int:
     from .training import export_musicgen
 
+    from .lm_card import write_lm_card
+
+    if args.eval_json is not None and not Path(args.eval_json).is_file():
+        raise SystemExit(f"--eval-json: no such file: {args.eval_json}")
     out = export_musicgen(args.run, args.codec, args.out, use_ema=not args.no_ema)
-    print(f"wrote {out}")
+    card = write_lm_card(out, args.run, args.eval_json, command=args.command or "")
+    print(f"wrote {out} (model card: {card})")
     return 0
 
 
@@ -383,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("--codec", required=True, help="codec checkpoint folder the tokens came from")
     el.add_argument("--out", required=True, help="model folder to write")
     el.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    el.add_argument("--eval-json", default=None,
+                    help="a `musicgen-lite evaluate --json` result to put in the model card (metrics and targets)")
+    el.add_argument("--command", default=None, help="the training command, quoted in the model card")
     el.set_defaults(func=_cmd_export_lm)
 
     st = sub.add_parser("study", help="train and measure LM variants on the same tokens and budget: "

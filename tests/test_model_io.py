@@ -127,3 +127,37 @@ def test_demo_generates_with_a_model_and_notes_its_absence(lm_run, tmp_path):
     assert any("a sad piano piece" in line for line in lines)
     note = generated_music(tmp_path / "none", model_path=tmp_path / "missing")
     assert "skipping" in note[0] and not (tmp_path / "none").exists()
+
+
+def _result(per: dict) -> dict:
+    """An evaluation result in :func:`musicgen_lite.evaluation.evaluate`'s shape."""
+    def system(fad, acc):
+        return {"fad": {"value": fad}, "kl": {"kl_ref_gen": 0.4}, "clap": {"value": 0.5}, "chroma_cosine": None,
+                "attribute_accuracy": {"mean": sum(acc.values()) / len(acc), "per_attribute": acc}}
+
+    real = {k: 0.9 for k in per}
+    return {**system(6.0, per), "reference": {"real": system(18.0, real), "shuffled": system(19.0, real),
+                                              "noise": system(140.0, {k: 0.1 for k in per})},
+            "setup": {"n": 100, "duration": 6.0, "seed": 0}}
+
+
+def test_export_cli_writes_a_model_card(lm_run, tmp_path):
+    from musicgen_lite.generation import MusicGen
+    from musicgen_lite.lm_card import TARGETS, targets_met
+
+    tmp, _ = lm_run
+    per = {"family": 0.81, "style": 0.5, "drums": 0.75, "mode": 0.65, "tempo_bpm": 0.62}
+    (tmp_path / "eval.json").write_text(json.dumps(_result(per)))
+    out = tmp_path / "model"
+    assert main(["export", "lm", str(tmp / "run"), "--codec", str(tmp / "codec"), "--out", str(out),
+                 "--eval-json", str(tmp_path / "eval.json"), "--command", "musicgen-lite train lm TOKENS RUN"]) == 0
+    card = (out / "README.md").read_text()
+    model = MusicGen.load(out)
+    assert "- **steps**: 4 " in card and "`musicgen-lite train lm TOKENS RUN`" in card
+    assert f"LM {sum(p.numel() for p in model.lm.parameters()) / 1e6:.2f} M" in card
+    assert "| mode | 0.70 | 0.650 | 0.900 | no |" in card and "| family | 0.70 | 0.810 | 0.900 | yes |" in card
+    assert "All targets met: **no**" in card and (out / "training.png").stat().st_size > 1000
+    assert not targets_met(_result(per)) and targets_met(_result({**per, "mode": TARGETS["mode"]}))
+    with pytest.raises(SystemExit, match="eval-json"):
+        main(["export", "lm", str(tmp / "run"), "--codec", str(tmp / "codec"), "--out", str(out),
+              "--eval-json", str(tmp_path / "missing.json")])
