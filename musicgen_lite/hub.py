@@ -254,7 +254,10 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
     if model.conditioner is not None and conditioner is None:
         raise ValueError("pass conditioner={'name': 'learned' | 'minilm' | 't5', 'kwargs': {...}} "
                          "so the model can be rebuilt")
-    save_checkpoint(path / "codec", model.codec, model.codec.config.to_dict(), dtype=dtype)
+    # the codebooks' EMA sums only serve k-means updates: left out, as export_codec(inference_only=True)
+    # does (load_codec rebuilds them), so a model folder's codec/ matches the shipped codec file
+    codec_state = {k: v for k, v in model.codec.state_dict().items() if not k.endswith("codebook.embed_avg")}
+    save_checkpoint(path / "codec", codec_state, model.codec.config.to_dict(), dtype=dtype)
     state = {f"lm.{k}": v for k, v in model.lm.state_dict().items()}
     if model.conditioner is not None:
         frozen = _FROZEN_PREFIXES.get(conditioner["name"])
