@@ -226,14 +226,14 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     extra = {"batch_size": args.batch_size} if args.batch_size else {}
     extra.update({k: v for k, v in (("eval_every", args.eval_every), ("sample_every", args.sample_every)) if v})
-    for name in ("eval_tokens", "sample_codec"):
+    for name in ("eval_tokens", "sample_codec", "init_from"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_dir():
             raise SystemExit(f"--{name.replace('_', '-')}: no such folder: {path}")
     result = train_lm(args.out, args.tokens, scale=args.scale, lm=args.lm or args.scale if args.scale != "full" else "small",
                       conditioner=None if args.conditioner == "none" else args.conditioner, steps=args.steps,
                       resume=not args.fresh, seed=args.seed, melody=args.melody, eval_tokens=args.eval_tokens,
-                      sample_codec=args.sample_codec,
+                      sample_codec=args.sample_codec, init_from=args.init_from,
                       max_seconds=args.max_minutes * 60 if args.max_minutes else None, **extra)
     print(json.dumps({k: v for k, v in result.items() if k not in ("model", "ema", "losses")}, indent=1, default=str))
     return 0
@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--steps", type=int, default=1000)
     tl.add_argument("--batch-size", type=int, default=None, help="global batch (split over torchrun processes)")
     tl.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
+    tl.add_argument("--init-from", default=None,
+                    help="start a new run from the weights of an LM run folder or a model folder (fresh schedule)")
     tl.add_argument("--eval-tokens", default=None,
                     help="held-out token cache: validation loss in log.jsonl every --eval-every steps")
     tl.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: each checkpoint)")

@@ -680,6 +680,43 @@ class LMTask(torch.nn.Module):
         return self.lm.compute_loss(codes, self.pattern, cond, mask)
 
 
+def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -> None:
+    """Copy the LM (and text conditioner) weights of a run folder or model folder into ``task``."""
+    source = Path(source)
+    if (source / "checkpoint" / "config.json").is_file():
+        tensors, config, meta = load_checkpoint(source / "checkpoint")
+        prefix = "model.task."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        codec_fp, cond_name = (meta.get("token_fingerprint") or {}).get("codec"), meta.get("conditioner")
+    elif (source / "config.json").is_file() and (source / "codec" / "config.json").is_file():
+        from .data.dataset import codec_fingerprint
+        from .hub import load_codec
+
+        tensors, outer, meta = load_checkpoint(source)
+        config, state = outer.get("lm", {}), dict(tensors)
+        codec_fp = codec_fingerprint(load_codec(source / "codec"))
+        cond_name = (outer.get("conditioner") or {}).get("name")
+    else:
+        raise FileNotFoundError(f"init_from={source}: neither an LM run folder (checkpoint/) nor a model folder")
+    if codec_fp is not None and codec_fp != fingerprint.get("codec"):
+        raise ValueError(f"init_from={source}: trained on another codec's tokens than this run's")
+    mismatch = {k: (config.get(k), v) for k, v in cfg.to_dict().items() if k in config and config[k] != v}
+    if mismatch:
+        raise ValueError(f"init_from={source}: the LM differs: {mismatch}")
+    if (cond_name or None) != (conditioner or None):
+        raise ValueError(f"init_from={source}: text conditioner {cond_name!r}, this run {conditioner!r}")
+    task.lm.load_state_dict({k[3:]: v.float() for k, v in state.items() if k.startswith("lm.")})
+    if task.conditioner is not None:
+        own = task.conditioner.state_dict()
+        given = {k[len("conditioner."):]: v.float() for k, v in state.items() if k.startswith("conditioner.")}
+        task.conditioner.load_state_dict({**own, **given})  # a frozen encoder's weights are not in model folders
+    if task.melody is not None:
+        given = {k.split("melody", 1)[1].split(".", 1)[1]: v.float() for k, v in state.items()
+                 if k.startswith(("melody.", "melody_conditioner."))}
+        if given:
+            task.melody.load_state_dict({**task.melody.state_dict(), **given})
+
+
 class _LMSampler:
     """Audio samples during LM training: the model as it is, decoded by ``codec``, to ``folder``."""
 
@@ -739,7 +776,8 @@ def _dist() -> tuple[int, int]:
 def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str | None = "learned", steps: int = 1000,
              resume: bool = True, seed: int = 0, device: str | None = None, progress: bool = True,
              max_seconds: float | None = None, pattern: str = "delay", melody: bool = False,
-             stop_after: int | None = None, eval_tokens=None, sample_codec=None, **options) -> dict:
+             stop_after: int | None = None, eval_tokens=None, sample_codec=None, init_from=None,
+             **options) -> dict:
     """Train a text-conditioned :class:`~musicgen_lite.lm.MusicLM` on a token cache; resumable.
 
     Args:
@@ -759,6 +797,11 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             alone), both drawn per batch from ``(seed, step)``.
         stop_after: checkpoint and stop once this step is done, as an interrupted run would,
             while the schedule still plans ``steps`` (a later call resumes to ``steps``).
+        init_from: start a new run from trained weights: an LM run folder (its ``checkpoint/``) or
+            an exported model folder (:func:`export_musicgen`). The LM and text conditioner weights
+            are copied (the LM sizes, conditioner, pattern and codec must match); the optimizer,
+            the step and the schedule start afresh. Ignored when ``out_dir`` already has a
+            checkpoint (that run resumes).
         eval_tokens: a held-out token cache: every ``eval_every`` steps (default: each checkpoint)
             the log row also gets ``val_loss`` / ``val_per_codebook`` (:func:`validation_loss` on
             its first ``eval_items`` windows; ``val_loss_ema`` too with EMA weights).
@@ -829,6 +872,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoint"
     start, history = 0, []
+    if init_from is not None and not (resume and (ckpt / "config.json").is_file()):
+        _init_lm_from(task, init_from, cfg, conditioner, fp)
     if resume and (ckpt / "config.json").is_file():
         if use_fsdp:
             extra = _load_fsdp_state(ckpt, holder, optimizer, device)

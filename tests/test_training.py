@@ -356,3 +356,28 @@ def test_lm_training_validates_and_writes_samples(tmp_path, codec_and_tokens):
     other = CompressionModel(codec_config("tiny")).eval()  # not the codec that made the tokens
     with pytest.raises(ValueError, match="sample_codec"):
         train_lm(tmp_path / "bad", cache, sample_codec=other, **kw)
+
+
+def test_lm_init_from_a_run_or_a_model_folder(tmp_path, codec_and_tokens):
+    """``init_from``: a new run starts from trained weights (the step and schedule afresh); from a run
+    folder and from its exported model folder alike; another LM size is a clear error."""
+    from musicgen_lite.hub import save_checkpoint
+    from musicgen_lite.lm import lm_config
+    from musicgen_lite.training import export_musicgen, train_lm
+
+    codec, cache = codec_and_tokens
+    save_checkpoint(tmp_path / "codec", codec, codec.config.to_dict())
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False)
+    first = train_lm(tmp_path / "first", cache, steps=6, **kw)
+    model_dir = export_musicgen(tmp_path / "first", tmp_path / "codec", tmp_path / "model", dtype=None)
+    fresh = train_lm(tmp_path / "fresh", cache, steps=1, **kw)
+    from_run = train_lm(tmp_path / "a", cache, steps=1, init_from=tmp_path / "first", **kw)
+    from_model = train_lm(tmp_path / "b", cache, steps=1, init_from=model_dir, **kw)
+    assert from_run["step"] == 1 and from_run["losses"] == from_model["losses"]
+    assert from_run["losses"][0] < fresh["losses"][0] - 0.2  # it starts where the first run ended
+    assert abs(from_run["losses"][0] - first["losses"][-1]) < 0.5
+    with pytest.raises(ValueError, match="LM differs"):
+        train_lm(tmp_path / "c", cache, steps=1, init_from=tmp_path / "first",
+                 **{**kw, "lm": lm_config("tiny", num_layers=3)})
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train_lm(tmp_path / "d", cache, steps=1, init_from=tmp_path / "nothing", **kw)
