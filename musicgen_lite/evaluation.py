@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from .metrics import (HEADS, attribute_accuracy, chroma_cosine_similarity, clap_score, frechet_distance,
-                      kl_divergence, targets_from_info)
+from .metrics import (HEADS, attribute_accuracy, chroma_cosine_similarity, clap_score, family_top1,
+                      frechet_distance, kl_divergence, targets_from_info)
 
 HELDOUT_SEED = 999_001  # the default held-out set: no training or reference-model set uses it
 EVAL_RATE = 16_000  # Hz: the tagger's and the CLAP model's rate
@@ -231,11 +231,14 @@ class _Measures:
 
     def accuracy_of(self, probs: dict, infos: list[dict], bpms: list[float] | None = None) -> dict | None:
         """Per-attribute accuracy of the tagger's reading of some audio against ``infos``;
-        ``bpms``: librosa's tempo of the same audio, scored as ``tempo_bpm`` (see :func:`_bpm_ok`)."""
+        ``bpms``: librosa's tempo of the same audio, scored as ``tempo_bpm`` (see :func:`_bpm_ok`).
+        ``family_top1``: the most probable family is one the caption names (:func:`~musicgen_lite.metrics.family_top1`;
+        ``family`` scores nine yes/no decisions, whose floor is high). Neither enters the mean."""
         if not self.has_attributes:
             return None
         targets = _stack_targets([targets_from_info(i) for i in infos])
         per = attribute_accuracy(probs, targets)
+        per["family_top1"] = family_top1(probs["family"], targets["family"])
         pred_tempo = probs["tempo"].argmax(-1)
         per["tempo"] = _mean([_tempo_ok(int(t), i) for t, i in zip(pred_tempo, infos)])
         if bpms is not None and all(i.get("bpm") for i in infos):
@@ -440,7 +443,7 @@ def format_table(result: dict) -> str:
             ("CLAP score (higher better)", ("clap", "value")),
             ("chroma cosine", ("chroma_cosine", "value")),
             ("attribute accuracy (mean)", ("attribute_accuracy", "mean"))]
-    rows += [(f"  {k}", ("attribute_accuracy", "per_attribute", k)) for k in (*ATTRIBUTES, "tempo_bpm")]
+    rows += [(f"  {k}", ("attribute_accuracy", "per_attribute", k)) for k in (*ATTRIBUTES, "family_top1", "tempo_bpm")]
     width = max(len(r[0]) for r in rows) + 2
     lines = [f"{'':<{width}}" + "".join(f"{name:>11}" for name, _ in systems)]
     for label, path in rows:

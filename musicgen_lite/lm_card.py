@@ -16,8 +16,19 @@ from pathlib import Path
 
 #: What the shipped default is held to, on 100 held-out captions through the evaluation tagger:
 #: instrument family, drums yes/no and mode each right for 70% of clips, the tempo (librosa's
-#: beat tracker, within 10% or half/double) for 60%.
-TARGETS = {"family": 0.70, "drums": 0.70, "mode": 0.70, "tempo_bpm": 0.60}
+#: beat tracker, within 10% or half/double) for 60%. The family is read as the tagger's top
+#: family being one the caption names (``family_top1``): the per-family yes/no score
+#: (``family``) has a floor of about 0.8 (white noise: 0.811), so it cannot tell a model that
+#: follows the caption from one that does not (``family_top1``: noise 0.62, real audio 0.96).
+#: Results without ``family_top1`` fall back to ``family``.
+TARGETS = {"family_top1": 0.70, "drums": 0.70, "mode": 0.70, "tempo_bpm": 0.60}
+NAMES = {"family_top1": "family (top-1 family named in the caption)",
+         "family": "family (nine yes/no decisions; white noise 0.81)",
+         "tempo_bpm": "tempo (bpm within 10%, or half/double)"}
+
+
+def _targets(per: dict) -> dict:
+    return {("family" if k == "family_top1" and k not in per else k): t for k, t in TARGETS.items()}
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -83,9 +94,9 @@ def target_lines(result: dict) -> list[str]:
     per = (result.get("attribute_accuracy") or {}).get("per_attribute") or {}
     real = ((result["reference"]["real"].get("attribute_accuracy")) or {}).get("per_attribute") or {}
     lines = ["| attribute | target | generated | real clips | met |", "|---|---|---|---|---|"]
-    for k, target in TARGETS.items():
+    for k, target in _targets(per).items():
         v = per.get(k)
-        name = "tempo (bpm within 10%, or half/double)" if k == "tempo_bpm" else k
+        name = NAMES.get(k, k)
         met = "-" if v is None else ("yes" if v >= target else "no")
         lines.append(f"| {name} | {target:.2f} | {'-' if v is None else f'{v:.3f}'} | "
                      f"{'-' if real.get(k) is None else f'{real[k]:.3f}'} | {met} |")
@@ -94,7 +105,7 @@ def target_lines(result: dict) -> list[str]:
 
 def targets_met(result: dict) -> bool:
     per = (result.get("attribute_accuracy") or {}).get("per_attribute") or {}
-    return all(per.get(k) is not None and per[k] >= t for k, t in TARGETS.items())
+    return all(per.get(k) is not None and per[k] >= t for k, t in _targets(per).items())
 
 
 def write_lm_card(model_dir, run_dir, evaluation: dict | str | Path | None = None, command: str = "",

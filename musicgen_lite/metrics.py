@@ -245,6 +245,19 @@ def attribute_accuracy(probs: dict, targets: dict) -> dict:
     return acc
 
 
+def family_top1(family_probs: torch.Tensor, family_targets: torch.Tensor) -> float:
+    """Share of clips whose most probable instrument family is one the caption names.
+
+    The per-family yes/no accuracy of :func:`attribute_accuracy` has a high floor: a clip names
+    1-3 of nine families, so answering "no" nine times is already right 7 times in 9 (white
+    noise scored 0.81 on our held-out set). The top family is a stricter reading; its floor is
+    still not zero, since some families are common (on 100 held-out captions: real audio 0.96,
+    real audio under shuffled captions 0.37, white noise 0.62).
+    """
+    top = family_probs.argmax(-1)
+    return float(family_targets.float().gather(-1, top[:, None]).squeeze(-1).mean())
+
+
 # ------------------------------------------------------------------------------ CLAP-style
 
 class SentenceEncoder(nn.Module):

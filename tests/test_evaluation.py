@@ -108,7 +108,8 @@ def test_tiny_random_musicgen_gets_every_metric(refs, heldout):
     assert set(r["reference"]) == {"real", "shuffled", "noise"}
     numbers = list(_finite_numbers({k: v for k, v in r.items() if k != "setup"}))
     assert len(numbers) > 50 and all(math.isfinite(x) for x in numbers)
-    assert set(r["attribute_accuracy"]["per_attribute"]) >= {"family", "style", "mood", "tempo", "drums", "mode"}
+    assert set(r["attribute_accuracy"]["per_attribute"]) >= {"family", "family_top1", "style", "mood", "tempo",
+                                                             "drums", "mode"}
     # each number names the reference model that produced it: name@weights-hash
     assert r["fad"]["embedder"].startswith("musicgen-lite-tagger@")
     assert r["kl"]["classifier"] == r["fad"]["embedder"]
@@ -142,6 +143,8 @@ def test_perfect_model_beats_noise_and_kl_of_identical_distributions_is_zero(ref
     assert noise["fad"]["value"] > 10 * max(1.0, perfect["fad"]["value"])
     assert noise["kl"]["kl_ref_gen"] > 0.5
     assert perfect["attribute_accuracy"]["mean"] > noise["attribute_accuracy"]["mean"] + 0.2
+    top1 = {name: r["attribute_accuracy"]["per_attribute"]["family_top1"] for name, r in (("real", perfect), ("noise", noise))}
+    assert top1["real"] > top1["noise"] + 0.3  # the top family tells real instruments from noise
     assert perfect["clap"]["value"] > noise["clap"]["value"] + 0.3
     # references: real audio prefers its own captions to shuffled ones
     ref = perfect["reference"]

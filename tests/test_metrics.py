@@ -169,3 +169,18 @@ def test_reference_trainers_run_end_to_end(tmp_path):
     assert set(p.name for p in (tmp_path / "clap").iterdir()) == {"model.safetensors", "config.json"}
     with pytest.raises(FileNotFoundError, match="train it"):
         metrics.load_tagger(tmp_path / "nothing")
+
+
+def test_family_top1_reads_the_most_probable_family():
+    import torch
+
+    from musicgen_lite.metrics import family_top1
+
+    targets = torch.zeros(4, 9)
+    targets[0, [1, 2]] = targets[1, 0] = targets[2, 5] = targets[3, [3, 8]] = 1
+    probs = torch.full((4, 9), 0.1)
+    probs[0, 2] = probs[1, 4] = probs[2, 5] = probs[3, 0] = 0.9  # right, wrong, right, wrong
+    assert family_top1(probs, targets) == 0.5
+    silent = torch.zeros(4, 9)  # "no family at all": 7-8 of 9 yes/no answers right, yet no instrument named
+    yes_no = float(((silent > 0.5).float() == targets).float().mean())
+    assert yes_no > 0.8 and family_top1(silent + torch.arange(9) * 1e-3, targets) == 0.25
