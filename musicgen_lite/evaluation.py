@@ -425,17 +425,19 @@ def _fmt(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def dig(d, *keys):
+    """``d[k1][k2]...``, or None where a level is missing or None."""
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d
+
+
 def format_table(result: dict) -> str:
     """The result as a plain-text table: metrics down, generated / real / shuffled / noise across."""
     ref = result["reference"]
     systems = [("generated", result), ("real", ref["real"]), ("shuffled", ref["shuffled"]), ("noise", ref["noise"])]
-
-    def get(d, *path):
-        for p in path:
-            if not isinstance(d, dict) or d.get(p) is None:
-                return None
-            d = d[p]
-        return d
 
     rows = [("FAD (lower better)", ("fad", "value")),
             ("KL ref||gen (lower better)", ("kl", "kl_ref_gen")),
@@ -447,7 +449,7 @@ def format_table(result: dict) -> str:
     width = max(len(r[0]) for r in rows) + 2
     lines = [f"{'':<{width}}" + "".join(f"{name:>11}" for name, _ in systems)]
     for label, path in rows:
-        values = [get(d, *path) for _, d in systems]
+        values = [dig(d, *path) for _, d in systems]
         if all(v is None for v in values):
             continue
         lines.append(f"{label:<{width}}" + "".join(f"{_fmt(v):>11}" for v in values))

@@ -59,15 +59,10 @@ def training_figure(rows: list[dict], path) -> Path:
 
 
 def _metric_lines(result: dict) -> list[str]:
+    from .evaluation import dig as get
+
     ref = result["reference"]
     systems = [("generated", result), ("real", ref["real"]), ("shuffled", ref["shuffled"]), ("noise", ref["noise"])]
-
-    def get(d, *keys):
-        for k in keys:
-            if not isinstance(d, dict) or d.get(k) is None:
-                return None
-            d = d[k]
-        return d
 
     rows = [("FAD (lower better)", ("fad", "value")), ("KL ref to gen (lower better)", ("kl", "kl_ref_gen")),
             ("CLAP score (higher better)", ("clap", "value")), ("chroma cosine", ("chroma_cosine", "value")),

@@ -711,7 +711,7 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
         given = {k[len("conditioner."):]: v.float() for k, v in state.items() if k.startswith("conditioner.")}
         task.conditioner.load_state_dict({**own, **given})  # a frozen encoder's weights are not in model folders
     if task.melody is not None:
-        given = {k.split("melody", 1)[1].split(".", 1)[1]: v.float() for k, v in state.items()
+        given = {k.split(".", 1)[1]: v.float() for k, v in state.items()
                  if k.startswith(("melody.", "melody_conditioner."))}
         if given:
             task.melody.load_state_dict({**task.melody.state_dict(), **given})
@@ -852,9 +852,7 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     eval_every = opts.get("eval_every") or opts["checkpoint_every"]
     sample_every = opts.get("sample_every") or 4 * opts["checkpoint_every"]
     if eval_tokens is not None:
-        from .data.dataset import TokenDataset as _TD
-
-        if _TD(eval_tokens).fingerprint.get("codec") != fp.get("codec"):
+        if TokenDataset(eval_tokens).fingerprint.get("codec") != fp.get("codec"):
             raise ValueError(f"eval_tokens={eval_tokens}: made with another codec than the training tokens {tokens}")
     use_fsdp = world > 1 and (opts["fsdp"] if opts["fsdp"] is not None else scale == "full")
     if use_fsdp:
