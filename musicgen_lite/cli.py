@@ -41,7 +41,7 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
     t0 = time.time()
     out = make_dataset(args.out, n=args.n, seconds=args.seconds, seed=args.seed, source=args.source,
                        sample_rate=args.sample_rate, workers=args.workers, melody_stems=not args.no_stems,
-                       renderer=args.renderer)
+                       renderer=args.renderer, exclude_tunes_of=args.exclude_tunes_of)
     dt = time.time() - t0
     print(f"{args.n} {args.source} clips of {args.seconds:g} s in {out} ({dt:.1f} s, {args.n / dt:.2f} clips/s)")
     return 0
@@ -123,7 +123,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         result = evaluate(model, captions=args.captions, n=args.n, duration=args.duration, seed=args.seed,
                           melodies=args.melodies, batch_size=args.batch_size, progress=not args.quiet,
-                          cfg_coef=args.cfg, top_k=args.top_k)
+                          text_only=not args.no_text_only, cfg_coef=args.cfg, top_k=args.top_k)
         result["setup"]["model"] = str(args.model)
         print(format_table(result))
     out = Path(args.json)
@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
     dm.add_argument("--renderer", choices=["auto", "fluidsynth", "builtin"], default="auto")
     dm.add_argument("--no-stems", action="store_true", help="do not render the melody line alone")
+    dm.add_argument("--exclude-tunes-of", default=None, metavar="FOLDER",
+                    help="a dataset folder whose corpus tunes to leave out (held-out melodies never trained on)")
     dm.set_defaults(func=_cmd_data_make)
     dman = dsub.add_parser("manifest", help="index a folder of your own audio into data.jsonl")
     dman.add_argument("folder")
@@ -371,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--duration", type=float, default=6.0, help="seconds per clip (default 6)")
     ev.add_argument("--seed", type=int, default=0, help="generation seed (batch b uses seed + b)")
     ev.add_argument("--melodies", default=None, help="folder of melody audio: adds chroma cosine (melody models)")
+    ev.add_argument("--no-text-only", action="store_true",
+                    help="with --melodies: skip the text-only reference (the same captions without the melody)")
     ev.add_argument("--captions", default=None,
                     help="dataset folder with captions + attributes (default: the synthetic held-out set, seed 999001)")
     ev.add_argument("--batch-size", type=int, default=8)

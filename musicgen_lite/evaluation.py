@@ -11,7 +11,8 @@ instruments, drums, mode), asks the model for one clip per caption, and measures
 - ``clap``: cosine similarity of the generated audio and its caption in our CLAP-style model.
   Higher is better.
 - ``chroma_cosine``: for melody-conditioned models, how often the generated audio's dominant
-  pitch class agrees with the melody's, frame by frame. Higher is better.
+  pitch class agrees with the melody's, frame by frame. Higher is better. Its references: the
+  same model without the melody (``text_only``) and the audio against another clip's melody.
 - ``attribute_accuracy``: does the tagger hear what the caption asked for? Only possible
   because our captions come from known attributes.
 
@@ -313,7 +314,7 @@ def _chroma_of(melodies: torch.Tensor, wav: torch.Tensor) -> dict | None:
 
 def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: int = 0, melodies=None,
              batch_size: int = 8, tagger=None, clap=None, progress: bool = True, heldout_seed: int = HELDOUT_SEED,
-             **generate_kw) -> dict:
+             text_only: bool = True, **generate_kw) -> dict:
     """Generate one clip per held-out caption with ``model`` and score them (see the module doc).
 
     ``model``: anything with ``generate(descriptions, duration=..., seed=..., **kw) -> wav
@@ -325,7 +326,10 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
     of 6 s clips: 4-10 s is its comfort zone). ``seed``: generation seed (batch ``b`` uses
     ``seed + b``), also the noise and the caption shuffle. ``melodies``: a folder of melody
     audio or a list of ``(wav, sample_rate)``; clip ``i`` gets melody ``i % len(melodies)``
-    through the model's ``generate_with_chroma``; adds ``chroma_cosine``. ``tagger`` /
+    through the model's ``generate_with_chroma``; adds ``chroma_cosine``, and with ``text_only``
+    the same captions are also generated without a melody (same seeds), scored as
+    ``reference["text_only"]``: how far the melody alone moves chroma cosine (MusicGen-melody's
+    comparison). ``tagger`` /
     ``clap``: the reference models (default: the shipped ones). ``generate_kw``: passed to
     ``generate`` (``cfg_coef``, ``top_k``, ...).
 
@@ -397,6 +401,16 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
         order = m.shuffled
         reference["shuffled"]["chroma_cosine"] = _chroma_of(mel_eval[order], gen)
         reference["noise"]["chroma_cosine"] = _chroma_of(mel_eval, noise)
+        if text_only:  # the same model and seeds without the melody: what the text alone gives
+            plain = generate_all(model, m.captions, duration, seed=seed, batch_size=batch_size, progress=progress,
+                                 **generate_kw)
+            plain_probs = m.probs(plain)
+            reference["text_only"] = {
+                "chroma_cosine": _chroma_of(mel_eval, plain),
+                "clap": m.clap_of(plain),
+                "attribute_accuracy": m.accuracy_of(plain_probs, infos, _bpms(plain)),
+                "note": "the same captions and seeds generated without the melody",
+            }
     result["reference"] = reference
     result["setup"] = {
         "n": n, "duration": float(duration), "seed": seed, "captions": str(folder),
@@ -437,7 +451,8 @@ def dig(d, *keys):
 def format_table(result: dict) -> str:
     """The result as a plain-text table: metrics down, generated / real / shuffled / noise across."""
     ref = result["reference"]
-    systems = [("generated", result), ("real", ref["real"]), ("shuffled", ref["shuffled"]), ("noise", ref["noise"])]
+    systems = [("generated", result), *([("text-only", ref["text_only"])] if "text_only" in ref else []),
+               ("real", ref["real"]), ("shuffled", ref["shuffled"]), ("noise", ref["noise"])]
 
     rows = [("FAD (lower better)", ("fad", "value")),
             ("KL ref||gen (lower better)", ("kl", "kl_ref_gen")),
@@ -456,7 +471,8 @@ def format_table(result: dict) -> str:
     s = result.get("setup", {})
     lines.append("")
     lines.append(f"{s.get('n')} clips of {s.get('duration')} s from {Path(str(s.get('captions'))).name}; "
-                 f"real = held-out audio (FAD: half vs half), shuffled = real audio with another clip's caption")
+                 f"real = held-out audio (FAD: half vs half), shuffled = real audio with another clip's caption"
+                 + (" (chroma: the generated audio against another clip's melody)" if result.get("chroma_cosine") else ""))
     models = {result["fad"]["embedder"], result["clap"]["model"]}
     if result.get("chroma_cosine"):
         models.add(result["chroma_cosine"]["extractor"])

@@ -14,7 +14,7 @@ from musicgen_lite.audio import AudioError, load_audio, save_audio
 from musicgen_lite.data import (AudioDataset, RenderError, compose, compose_corpus, make_dataset, read_info,
                                 read_manifest, render, write_manifest)
 from musicgen_lite.data.analysis import estimate_key, estimate_tempo, key_label, tempo_agrees
-from musicgen_lite.data.dataset import clip_seed
+from musicgen_lite.data.dataset import clip_seed, corpus_titles
 from musicgen_lite.data.music import INSTRUMENTS, MOOD_WORDS, STYLES
 
 SR = 32_000
@@ -237,6 +237,21 @@ def test_corpus_dataset(tmp_path):
                         progress=False)
     infos = [read_info(m) for m in read_manifest(root)]
     assert all(i["source"] == "corpus" and i["melody"] and i["corpus_path"] for i in infos)
+    # a held-out set that leaves out every tune of the first one: same seed, other tunes
+    held = make_dataset(tmp_path / "h", n=2, seconds=2.0, seed=0, source="corpus", sample_rate=16_000, workers=1,
+                        progress=False, exclude_tunes_of=root)
+    used, fresh = set(corpus_titles(root)), set(corpus_titles(held))
+    assert len(used) >= 1 and len(fresh) >= 1 and not used & fresh
+    assert json.loads((held / "dataset.json").read_text())["exclude_tunes"]["count"] == len(used)
+    with pytest.raises(FileNotFoundError, match="not a dataset folder"):
+        corpus_titles(tmp_path)
+
+
+def test_compose_corpus_skips_excluded_titles():
+    first = compose_corpus(seed=11, seconds=2.0, collection="folk").meta["title"]
+    other = compose_corpus(seed=11, seconds=2.0, collection="folk", exclude_titles={first}).meta["title"]
+    assert other != first
+    assert compose_corpus(seed=11, seconds=2.0, collection="folk", exclude_titles={"no such tune"}).meta["title"] == first
 
 
 def test_manifest_round_trip_on_a_users_folder(tmp_path):

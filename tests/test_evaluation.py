@@ -153,6 +153,11 @@ def test_perfect_model_beats_noise_and_kl_of_identical_distributions_is_zero(ref
     # chroma: a real mix shares its melody stem's dominant pitch far more often than noise does
     assert perfect["chroma_cosine"]["value"] > ref["noise"]["chroma_cosine"]["value"] + 0.3
     assert perfect["chroma_cosine"]["value"] > ref["shuffled"]["chroma_cosine"]["value"]
+    # text-only reference: the same captions and seeds through generate(); this model ignores the
+    # melody, so its text-only audio is the same and so are its numbers, exactly
+    assert ref["text_only"]["chroma_cosine"]["value"] == perfect["chroma_cosine"]["value"]
+    assert ref["text_only"]["attribute_accuracy"] == perfect["attribute_accuracy"]
+    assert "text-only" in format_table(perfect) and "text_only" not in noise["reference"]
 
 
 def test_default_heldout_set_and_errors(refs, tmp_path, monkeypatch, heldout):

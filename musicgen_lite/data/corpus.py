@@ -130,12 +130,23 @@ def harmonize(melody: list, tonic: int, mode: str, n_bars: int) -> list[int]:
 
 
 def compose_corpus(seed: int, seconds: float = 10.0, collection: str | None = None,
-                   style: str | None = None, drums: bool | None = None) -> Composition:
-    """A clip built on a real corpus melody, chosen and arranged from ``seed``."""
+                   style: str | None = None, drums: bool | None = None,
+                   exclude_titles: frozenset | set | tuple = ()) -> Composition:
+    """A clip built on a real corpus melody, chosen and arranged from ``seed``.
+
+    ``exclude_titles``: tunes never to pick (held-out sets: the titles a training set used);
+    the choice is drawn again from the same generator until the title is a new one.
+    """
     rng = np.random.default_rng(seed)
     coll = collection or ("folk" if rng.random() < 0.75 else "chorale")
     tunes = list_tunes(coll)
     tune = load_tune(tunes[int(rng.integers(len(tunes)))])
+    for _ in range(10_000):
+        if tune["title"] not in exclude_titles:
+            break
+        tune = load_tune(tunes[int(rng.integers(len(tunes)))])
+    else:
+        raise ValueError(f"exclude_titles: no {coll} tune left after 10,000 draws")
     attrs = sample_attributes(rng, style=style, drums=drums)
     if coll == "chorale":  # hymn tempo, whatever the style
         attrs["bpm"] = int(rng.integers(60, 101))

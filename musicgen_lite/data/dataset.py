@@ -18,6 +18,7 @@ MusicGen-melody, stores each clip's melody chromagram as one pitch class per chr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing
@@ -63,7 +64,7 @@ def clip_seed(seed: int, index: int) -> int:
 
 
 def _render_one(job: tuple) -> dict:
-    out_dir, index, seed, seconds, sample_rate, source, renderer, stems = job
+    out_dir, index, seed, seconds, sample_rate, source, renderer, stems, exclude = job
     from .corpus import compose_corpus
     from .render import render
     from .synth import compose
@@ -71,7 +72,7 @@ def _render_one(job: tuple) -> dict:
     cs = clip_seed(seed, index)
     if source == "mix":  # every MIX_CORPUS_EVERY-th clip a corpus tune, the others synthetic
         source = "corpus" if index % MIX_CORPUS_EVERY == MIX_CORPUS_EVERY - 1 else "synth"
-    comp = compose(cs, seconds) if source == "synth" else compose_corpus(cs, seconds)
+    comp = compose(cs, seconds) if source == "synth" else compose_corpus(cs, seconds, exclude_titles=exclude)
     name = f"{source}_{index:06d}"
     audio_path = Path(out_dir) / "audio" / f"{name}.wav"
     wav = render(comp, sample_rate, renderer=renderer)
@@ -88,11 +89,13 @@ def _render_one(job: tuple) -> dict:
 
 def make_dataset(out_dir, n: int, seconds: float = 10.0, seed: int = 0, source: str = "synth",
                  sample_rate: int = 32_000, workers: int | None = None, melody_stems: bool = True,
-                 renderer: str = "auto", progress: bool = True) -> Path:
+                 renderer: str = "auto", progress: bool = True, exclude_tunes_of=None) -> Path:
     """Write ``n`` captioned clips of ``seconds`` to ``out_dir`` (audio, sidecar JSON, manifest).
 
     Same arguments, same bytes. A folder already holding this exact dataset is reused as is;
     ``out_dir=None`` picks a folder under the cache (``data/cache/`` in a checkout).
+    ``exclude_tunes_of``: a dataset folder (e.g. the training set) whose corpus tunes this one
+    must not use: a held-out set of melodies never heard in training.
     """
     from tqdm.auto import tqdm
 
@@ -108,6 +111,11 @@ def make_dataset(out_dir, n: int, seconds: float = 10.0, seed: int = 0, source: 
     used = which_renderer(renderer)
     params = {"version": FORMAT_VERSION, "n": n, "seconds": float(seconds), "seed": seed, "source": source,
               "sample_rate": sample_rate, "renderer": used, "melody_stems": melody_stems}
+    exclude = frozenset()
+    if exclude_tunes_of is not None:
+        exclude = frozenset(corpus_titles(exclude_tunes_of))
+        params["exclude_tunes"] = {"of": Path(exclude_tunes_of).name, "count": len(exclude),
+                                   "sha256": hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()[:16]}
     if out_dir is None:
         out_dir = cache_root() / f"{source}-n{n}-{seconds:g}s-seed{seed}-{sample_rate // 1000}k-{used}"
     out = Path(out_dir)
@@ -116,7 +124,7 @@ def make_dataset(out_dir, n: int, seconds: float = 10.0, seed: int = 0, source: 
     if manifest.exists() and marker.exists() and json.loads(marker.read_text()) == params:
         return out
     (out / "audio").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), i, seed, float(seconds), sample_rate, source, used, melody_stems) for i in range(n)]
+    jobs = [(str(out), i, seed, float(seconds), sample_rate, source, used, melody_stems, exclude) for i in range(n)]
     workers = workers or min(os.cpu_count() or 1, 8)
     bar = tqdm(total=n, desc=f"rendering {source} clips", disable=not progress, unit="clip")
     rows: list[dict] = []
@@ -134,6 +142,19 @@ def make_dataset(out_dir, n: int, seconds: float = 10.0, seed: int = 0, source: 
     _write_text_atomic(manifest, "".join(json.dumps(r) + "\n" for r in rows))
     _write_text_atomic(marker, json.dumps(params, indent=1))
     return out
+
+
+def corpus_titles(folder) -> list[str]:
+    """The titles of the corpus tunes a dataset folder made by :func:`make_dataset` used (sorted)."""
+    folder = Path(folder)
+    if not (folder / "data.jsonl").is_file():
+        raise FileNotFoundError(f"{folder}: not a dataset folder (no data.jsonl)")
+    titles = set()
+    for p in (folder / "audio").glob("corpus_*.json"):
+        title = json.loads(p.read_text()).get("title")
+        if title:
+            titles.add(title)
+    return sorted(titles)
 
 
 # ---------------------------------------------------------------------------- manifests
@@ -282,8 +303,6 @@ def codec_fingerprint(codec) -> str:
     entries. A token cache is valid for exactly the codecs that share it; the decoder and the
     codebooks' training statistics (EMA counts and sums) are left out, so a codec whose decoder
     kept training (``train_codec(..., freeze_encoder=True)``) still matches its tokens."""
-    import hashlib
-
     h = hashlib.sha256()
     config = getattr(codec, "config", None)
     if config is not None:
@@ -298,8 +317,6 @@ def codec_fingerprint(codec) -> str:
 
 
 def _manifest_fingerprint(root: Path) -> str:
-    import hashlib
-
     manifest = root / "data.jsonl" if root.is_dir() else root
     return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
 
@@ -399,7 +416,6 @@ def build_token_cache(root, codec, out=None, clips_per_shard: int = 512, chunk_s
     chroma settings and the list of stems are part of the fingerprint: change them and the
     cache is rebuilt.
     """
-    import hashlib
     import shutil
 
     from tqdm.auto import tqdm
