@@ -701,11 +701,22 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
     if codec_fp is not None and codec_fp != fingerprint.get("codec"):
         raise ValueError(f"init_from={source}: trained on another codec's tokens than this run's")
     mismatch = {k: (config.get(k), v) for k, v in cfg.to_dict().items() if k in config and config[k] != v}
+    # a melody LM (prepend) from a text LM (cross-attention): everything but the cross-attention carries over
+    cross_to_prepend = (cfg.condition_mode == "prepend" and config.get("condition_mode", "cross") == "cross")
+    if cross_to_prepend:
+        mismatch = {k: v for k, v in mismatch.items() if k not in ("condition_mode", "cross_attention")}
     if mismatch:
         raise ValueError(f"init_from={source}: the LM differs: {mismatch}")
     if (cond_name or None) != (conditioner or None):
         raise ValueError(f"init_from={source}: text conditioner {cond_name!r}, this run {conditioner!r}")
-    task.lm.load_state_dict({k[3:]: v.float() for k, v in state.items() if k.startswith("lm.")})
+    lm_state = {k[3:]: v.float() for k, v in state.items() if k.startswith("lm.")}
+    if cross_to_prepend:
+        own = task.lm.state_dict()
+        lm_state = {k: v for k, v in lm_state.items() if k in own}  # drops the cross-attention weights
+        missing = sorted(set(own) - set(lm_state))
+        if missing:
+            raise ValueError(f"init_from={source}: the text LM lacks {missing[:4]}")
+    task.lm.load_state_dict(lm_state)
     if task.conditioner is not None:
         own = task.conditioner.state_dict()
         given = {k[len("conditioner."):]: v.float() for k, v in state.items() if k.startswith("conditioner.")}
@@ -800,7 +811,9 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         init_from: start a new run from trained weights: an LM run folder (its ``checkpoint/``) or
             an exported model folder (:func:`export_musicgen`). The LM and text conditioner weights
             are copied (the LM sizes, conditioner, pattern and codec must match); the optimizer,
-            the step and the schedule start afresh. Ignored when ``out_dir`` already has a
+            the step and the schedule start afresh. A melody run may start from a text model:
+            all but its cross-attention carries over (the melody LM reads the text as a prefix),
+            and the melody projection starts fresh. Ignored when ``out_dir`` already has a
             checkpoint (that run resumes).
         eval_tokens: a held-out token cache: every ``eval_every`` steps (default: each checkpoint)
             the log row also gets ``val_loss`` / ``val_per_codebook`` (:func:`validation_loss` on

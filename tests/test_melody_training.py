@@ -212,6 +212,24 @@ def test_melody_lm_resumes_exactly(tmp_path, tunes):
     assert saved["extra"]["options"]["cond_dropout"] == 0.2  # MusicGen-melody's recipe
 
 
+def test_melody_lm_starts_from_a_text_lm(tmp_path, tunes):
+    """``init_from`` a text run (cross-attention): the melody LM (prefix) takes every shared weight, drops
+    the cross-attention, and its first loss is far below a fresh melody LM's."""
+    from musicgen_lite.training import train_lm
+
+    _, _, cache = tunes
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False, checkpoint_every=10_000)
+    text = train_lm(tmp_path / "text", cache, steps=40, **kw)["model"]
+    fresh = train_lm(tmp_path / "fresh", cache, steps=1, melody=True, **kw)
+    init = train_lm(tmp_path / "init", cache, steps=1, melody=True, init_from=tmp_path / "text", lr=0.0, **kw)
+    lm, src = init["model"].lm.state_dict(), text.lm.state_dict()
+    assert set(lm) < set(src) and all(".cross." in k or ".norm_cross." in k for k in set(src) - set(lm))
+    assert all(torch.equal(lm[k], src[k]) for k in lm)  # lr 0: still exactly the text LM's weights
+    cond, src_cond = init["model"].conditioner.state_dict(), text.conditioner.state_dict()
+    assert all(torch.equal(cond[k], src_cond[k]) for k in cond)
+    assert init["losses"][0] < fresh["losses"][0] - 0.5
+
+
 def test_melody_needs_a_chroma_cache(tmp_path):
     from musicgen_lite.codec import CompressionModel, codec_config
     from musicgen_lite.training import train_lm
