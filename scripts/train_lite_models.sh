@@ -33,9 +33,15 @@ $MLITE export lm runs/lm_lite2 --codec $CODEC --out runs/lm_lite2_model
 $MLITE evaluate --model runs/lm_lite2_model --n 100 --json /tmp/eval.json
 $MLITE export lm runs/lm_lite2 --codec $CODEC --out data/checkpoints/musicgen_lite --eval-json /tmp/eval.json \
     --command "the train lm line above"
-$MLITE train lm data/cache/lm_mix/tokens runs/lm_lite_melody --scale lite --conditioner learned --melody --steps 6000 --max-minutes 150
+# 4b. the melody LM, started from the text LM's weights (all but its cross-attention carry over), and a
+#    held-out set of 100 corpus tunes that the training data never used, to measure it on
+$MLITE data make data/cache/melody_heldout --n 100 --seconds 10 --source corpus --seed 5151 --sample-rate 16000 \
+    --workers 2 --exclude-tunes-of data/cache/lm_mix
+$MLITE train lm data/cache/lm_mix/tokens runs/lm_lite_melody --scale lite --conditioner learned --melody --steps 2500 \
+    --max-minutes 150 --init-from runs/lm_lite2 --eval-tokens data/cache/lm_heldout/tokens
 $MLITE export lm runs/lm_lite_melody --codec $CODEC --out data/checkpoints/musicgen_lite_melody
 
-# 5. measured model cards (the default model's card comes from `export lm --eval-json` above)
-$MLITE evaluate --model data/checkpoints/musicgen_lite_melody --n 100 --melodies data/cache/lm_heldout/stems \
-    --json data/checkpoints/musicgen_lite_melody/eval.json
+# 5. measured model cards (the default model's card comes from `export lm --eval-json` above); the melody
+#    model against the same captions without the melody (text_only) and against other clips' melodies
+$MLITE evaluate --model data/checkpoints/musicgen_lite_melody --n 100 --captions data/cache/melody_heldout \
+    --melodies data/cache/melody_heldout/stems --json data/checkpoints/musicgen_lite_melody/eval.json
