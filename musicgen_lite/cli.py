@@ -252,7 +252,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     table = run_study(args.study, args.tokens, args.heldout, args.codec, args.out, args.runs, steps=args.steps,
                       scale=args.scale, n_eval=args.n_eval, eval_duration=args.duration,
                       max_minutes=args.max_minutes, seed=args.seed, variants=args.variants,
-                      progress=not args.quiet, command="musicgen-lite " + shlex.join(sys.argv[1:]), **extra)
+                      progress=not args.quiet, command="musicgen-lite " + shlex.join(sys.argv[1:]), lm=args.lm,
+                      **extra)
     print(format_study(table))
     return 0
 
@@ -414,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--duration", type=float, default=6.0, help="seconds per evaluated clip (default 6)")
     st.add_argument("--batch-size", type=int, default=None)
     st.add_argument("--segment-seconds", type=float, default=None)
+    st.add_argument("--lm", default=None, help="the LM where the study does not vary it: a preset (tiny, lite, "
+                                               "small...) or a scaling size S | M | L (default: the scale's preset)")
     st.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--threads", type=int, default=2)

@@ -53,6 +53,24 @@ def study_variants(study: str, scale: str = "lite") -> list[dict]:
     raise ValueError(f"unknown study {study!r}: choose one of {', '.join(STUDIES)}")
 
 
+def study_lm(lm, scale: str = "lite"):
+    """The LM for a study's variants: None (the scale's preset), a preset name, ``"S"`` | ``"M"`` | ``"L"``
+    (the scaling study's sizes at this scale) or an ``LMConfig`` (returned as is)."""
+    from .lm import LM_PRESETS, lm_config
+
+    base = "tiny" if scale == "tiny" else "lite"
+    if lm is None:
+        return base
+    if not isinstance(lm, str):
+        return lm
+    sizes = SCALING_SIZES[base]
+    if lm in sizes:
+        return lm_config(base, **sizes[lm])
+    if lm in LM_PRESETS:
+        return lm
+    raise ValueError(f"lm={lm!r}: choose a preset ({', '.join(LM_PRESETS)}) or a size ({', '.join(sizes)})")
+
+
 def _write_atomic(path: Path, table: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -69,7 +87,7 @@ def _frame_rate(tokens) -> float:
 def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, steps: int, scale: str = "lite",
               n_eval: int = 100, eval_duration: float = 6.0, max_minutes: float | None = None, seed: int = 0,
               variants: list[str] | None = None, eval_captions=None, eval_kw: dict | None = None,
-              progress: bool = True, command: str = "", **train_options) -> dict:
+              progress: bool = True, command: str = "", lm=None, **train_options) -> dict:
     """Train and measure every variant of ``study`` that ``out_json`` does not hold yet.
 
     Args:
@@ -83,6 +101,9 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
         eval_captions: a caption folder for :func:`~musicgen_lite.evaluation.evaluate` (default:
             its synthetic held-out set). ``eval_kw``: more :func:`evaluate` arguments (``tagger``,
             ``clap``, ``batch_size``, sampling options).
+        lm: the LM of every variant where the study does not set it (patterns, text_encoders):
+            a preset name, a size of the scaling study (``"S"`` | ``"M"`` | ``"L"``) or an
+            ``LMConfig``; default the scale's preset. A smaller LM makes a study affordable on a CPU.
         **train_options: recipe overrides for every variant (``batch_size``, ``segment_seconds`` ...).
 
     Returns the table: ``study``, ``setup``, ``rows`` (one per finished variant), ``skipped``,
@@ -93,6 +114,7 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
     from .training import export_musicgen, lm_train_options, log_wall_seconds, train_lm, validation_loss
 
     out_json, runs_dir = Path(out_json), Path(runs_dir)
+    study_lm(lm, scale)  # an unknown name fails before anything trains
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     all_variants = study_variants(study, scale)
@@ -109,6 +131,7 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
         "tokens_seen": steps * recipe["batch_size"] * round(recipe["segment_seconds"] * _frame_rate(tokens)),
         "tokens": str(tokens), "heldout_tokens": str(heldout_tokens), "codec": str(codec), "seed": seed,
         "eval": {"n": n_eval, "duration": eval_duration}, "command": command or table.get("setup", {}).get("command", ""),
+        "lm": lm if lm is None or isinstance(lm, str) else lm.to_dict(),
     }})
     table.setdefault("rows", [])
     table.setdefault("skipped", {})
@@ -124,7 +147,7 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
             pending.append(name)
             continue
         kwargs = {k: v for k, v in variant.items() if k != "name"}
-        kwargs.setdefault("lm", "tiny" if scale == "tiny" else "lite")
+        kwargs.setdefault("lm", study_lm(lm, scale))
         run_dir = runs_dir / study / name
         try:
             run = train_lm(run_dir, tokens, scale=scale, steps=steps, seed=seed, progress=progress,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from musicgen_lite.patterns import get_pattern
-from musicgen_lite.studies import format_study, run_study, study_variants
+from musicgen_lite.studies import format_study, run_study, study_lm, study_variants
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,10 @@ def test_pattern_study_rows_resume_and_limits(tmp_path, caches, refs):
               log_every=1)
     out = tmp_path / "patterns.json"
     table = run_study("patterns", tokens, held_tokens, codec, out, tmp_path / "runs", variants=["delay", "flatten"],
-                      **kw)
+                      lm="S", **kw)
+    assert table["setup"]["lm"] == "S"
+    shipped = json.loads((tmp_path / "runs" / "patterns" / "delay" / "model" / "config.json").read_text())
+    assert shipped["config"]["lm"]["dim"] == study_lm("S", "tiny").dim == 16  # the size asked for, not the preset's 32
     assert [r["pattern"] for r in table["rows"]] == ["flatten", "delay"] and table["pending"] == []  # study order
     assert json.loads(out.read_text()) == table and not list(tmp_path.glob("*.tmp"))
     for r in table["rows"]:
@@ -62,7 +65,7 @@ def test_pattern_study_rows_resume_and_limits(tmp_path, caches, refs):
     assert table["rows"][0]["params_m"] == table["rows"][1]["params_m"]  # only the pattern differs
     # a second call keeps finished rows and trains nothing
     again = run_study("patterns", tokens, held_tokens, codec, out, tmp_path / "runs", variants=["delay", "flatten"],
-                      **kw)
+                      lm="S", **kw)
     assert again["rows"] == table["rows"]
     # no time left: nothing new runs, the rest is reported as pending
     limited = run_study("patterns", tokens, held_tokens, codec, out, tmp_path / "runs", max_minutes=0, **kw)
@@ -84,3 +87,8 @@ def test_study_variants_and_bad_input(tmp_path, caches):
                   variants=["zigzag"])
     with pytest.raises(ValueError, match="steps must be"):
         run_study("patterns", tokens, held_tokens, codec, tmp_path / "x.json", tmp_path, steps=0, scale="tiny")
+    # the LM of a study that does not vary it: the scale's preset, a preset, or a scaling size
+    assert study_lm(None, "lite") == "lite" and study_lm("small") == "small"
+    assert study_lm("S", "lite") == sizes[0] and study_lm("L", "tiny").dim == 48
+    with pytest.raises(ValueError, match="lm='XL'"):
+        run_study("patterns", tokens, held_tokens, codec, tmp_path / "x.json", tmp_path, steps=1, scale="tiny", lm="XL")
