@@ -22,12 +22,12 @@ $MLITE data make data/cache/lm_heldout --n 120 --seconds 10 --source mix --seed 
 $MLITE tokenize data/cache/lm_mix --codec $CODEC --chroma --threads 2
 $MLITE tokenize data/cache/lm_heldout --codec $CODEC --chroma --threads 2
 
-# 4. the default text-to-music LM (about 3 s per 16 x 10 s step in bf16 autocast on 2 cores: 2,000 steps took
-#    1.7 h), with validation and audio samples during training; then a continuation from its weights (fresh
+# 4. the default text-to-music LM (about 3-3.6 s per 16 x 10 s step in bf16 autocast on 2 cores: 2,000 steps
+#    took 1.7 h), with validation and audio samples during training; then a continuation from its weights (fresh
 #    schedule; repeat the same line after an interruption), then the melody LM
 $MLITE train lm data/cache/lm_mix/tokens runs/lm_lite --scale lite --conditioner learned --steps 2000 --max-minutes 112 \
     --eval-tokens data/cache/lm_heldout/tokens --sample-codec $CODEC --sample-every 500
-$MLITE train lm data/cache/lm_mix/tokens runs/lm_lite2 --scale lite --conditioner learned --steps 6000 --max-minutes 150 \
+$MLITE train lm data/cache/lm_mix/tokens runs/lm_lite2 --scale lite --conditioner learned --steps 2800 --max-minutes 150 \
     --init-from runs/lm_lite --eval-tokens data/cache/lm_heldout/tokens --sample-codec $CODEC --sample-every 1000
 $MLITE export lm runs/lm_lite2 --codec $CODEC --out runs/lm_lite2_model
 $MLITE evaluate --model runs/lm_lite2_model --n 100 --json /tmp/eval.json
@@ -45,3 +45,12 @@ $MLITE export lm runs/lm_lite_melody --codec $CODEC --out data/checkpoints/music
 #    model against the same captions without the melody (text_only) and against other clips' melodies
 $MLITE evaluate --model data/checkpoints/musicgen_lite_melody --n 100 --captions data/cache/melody_heldout \
     --melodies data/cache/melody_heldout/stems --json data/checkpoints/musicgen_lite_melody/eval.json
+
+# 6. the studies (data/results/*.json: notebooks 05, 07 and 08 load them), each variant on the same tokens and
+#    budget; the pattern and text-encoder studies use the scaling study's small LM (S: 128 x 4) to fit a CPU
+$MLITE study patterns --tokens data/cache/lm_mix/tokens --heldout data/cache/lm_heldout/tokens --codec $CODEC \
+    --out data/results/patterns.json --steps 1000 --lm S --max-minutes 150
+$MLITE study scaling --tokens data/cache/lm_mix/tokens --heldout data/cache/lm_heldout/tokens --codec $CODEC \
+    --out data/results/scaling.json --steps 600 --segment-seconds 5 --max-minutes 150
+$MLITE study text_encoders --tokens data/cache/lm_mix/tokens --heldout data/cache/lm_heldout/tokens --codec $CODEC \
+    --out data/results/text_encoders.json --steps 1000 --lm S --max-minutes 150
