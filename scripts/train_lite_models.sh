@@ -27,7 +27,7 @@ $MLITE tokenize data/cache/lm_heldout --codec $CODEC --chroma --threads 2
 #    schedule; repeat the same line after an interruption), then the melody LM
 $MLITE train lm data/cache/lm_mix/tokens runs/lm_lite --scale lite --conditioner learned --steps 2000 --max-minutes 112 \
     --eval-tokens data/cache/lm_heldout/tokens --sample-codec $CODEC --sample-every 500
-$MLITE train lm data/cache/lm_mix/tokens runs/lm_lite2 --scale lite --conditioner learned --steps 2800 --max-minutes 150 \
+$MLITE train lm data/cache/lm_mix/tokens runs/lm_lite2 --scale lite --conditioner learned --steps 1950 --max-minutes 150 \
     --init-from runs/lm_lite --eval-tokens data/cache/lm_heldout/tokens --sample-codec $CODEC --sample-every 1000
 $MLITE export lm runs/lm_lite2 --codec $CODEC --out runs/lm_lite2_model
 $MLITE evaluate --model runs/lm_lite2_model --n 100 --json /tmp/eval.json
