@@ -27,6 +27,27 @@ NAMES = {"family_top1": "family (top-1 family named in the caption)",
          "tempo_bpm": "tempo (bpm within 10%, or half/double)"}
 
 
+#: What the melody model is held to, on held-out tunes: the chroma cosine of its audio against the
+#: melody it was given, at least twice that of the same model given the captions alone.
+MELODY_RATIO = 2.0
+
+
+def is_melody_result(result: dict) -> bool:
+    """An evaluation with melodies and its text-only reference (``evaluate(..., melodies=...)``)."""
+    return result.get("chroma_cosine") is not None and "text_only" in (result.get("reference") or {})
+
+
+def melody_ratio(result: dict) -> float | None:
+    """Chroma cosine with the melody over chroma cosine of the text-only generation (None if unmeasured)."""
+    from .evaluation import dig
+
+    with_melody = dig(result, "chroma_cosine", "value")
+    text_only = dig(result, "reference", "text_only", "chroma_cosine", "value")
+    if with_melody is None or not text_only:
+        return None
+    return with_melody / text_only
+
+
 def _targets(per: dict) -> dict:
     return {("family" if k == "family_top1" and k not in per else k): t for k, t in TARGETS.items()}
 
@@ -62,7 +83,8 @@ def _metric_lines(result: dict) -> list[str]:
     from .evaluation import dig as get
 
     ref = result["reference"]
-    systems = [("generated", result), ("real", ref["real"]), ("shuffled", ref["shuffled"]), ("noise", ref["noise"])]
+    systems = [("generated", result), *([("text-only", ref["text_only"])] if "text_only" in ref else []),
+               ("real", ref["real"]), ("shuffled", ref["shuffled"]), ("noise", ref["noise"])]
 
     rows = [("FAD (lower better)", ("fad", "value")), ("KL ref to gen (lower better)", ("kl", "kl_ref_gen")),
             ("CLAP score (higher better)", ("clap", "value")), ("chroma cosine", ("chroma_cosine", "value")),
@@ -80,12 +102,30 @@ def _metric_lines(result: dict) -> list[str]:
               f"(`musicgen-lite evaluate`, seed {s.get('seed', 0)}, guidance {(s.get('generate') or {}).get('cfg_coef', 3.0)}"
               f"{', held-out seed ' + str(s['heldout_seed']) if s.get('heldout_seed') is not None else ''}); "
               "real: the held-out audio of the same captions (FAD: one half against the other); shuffled: real "
-              "audio under another clip's caption; noise: white noise.", ""]
+              "audio under another clip's caption" + ("; chroma cosine: the generated audio against another clip's "
+                                                      "melody" if result.get("chroma_cosine") else "")
+              + ("; text-only: the same captions and seeds without the melody" if "text_only" in ref else "")
+              + "; noise: white noise.", ""]
     return lines
 
 
 def target_lines(result: dict) -> list[str]:
-    """The default model's targets against what was measured, one row each."""
+    """The targets against what was measured, one row each: the melody model's (chroma cosine against
+    text-only) for an evaluation with melodies, else the default model's (attributes)."""
+    if is_melody_result(result):
+        from .evaluation import dig
+
+        ratio = melody_ratio(result)
+        with_melody = dig(result, "chroma_cosine", "value")
+        text_only = dig(result, "reference", "text_only", "chroma_cosine", "value")
+        other = dig(result, "reference", "shuffled", "chroma_cosine", "value")
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        return ["| measure | target | with the melody | text-only | another clip's melody | met |",
+                "|---|---|---|---|---|---|",
+                f"| chroma cosine, with the melody / text-only | {MELODY_RATIO:.1f}x | {fmt(with_melody)} | "
+                f"{fmt(text_only)} | {fmt(other)} | "
+                f"{'-' if ratio is None else ('yes' if ratio >= MELODY_RATIO else 'no')} ({'-' if ratio is None else f'{ratio:.2f}x'}) |",
+                ""]
     per = (result.get("attribute_accuracy") or {}).get("per_attribute") or {}
     real = ((result["reference"]["real"].get("attribute_accuracy")) or {}).get("per_attribute") or {}
     lines = ["| attribute | target | generated | real clips | met |", "|---|---|---|---|---|"]
@@ -99,6 +139,9 @@ def target_lines(result: dict) -> list[str]:
 
 
 def targets_met(result: dict) -> bool:
+    if is_melody_result(result):
+        ratio = melody_ratio(result)
+        return ratio is not None and ratio >= MELODY_RATIO
     per = (result.get("attribute_accuracy") or {}).get("per_attribute") or {}
     return all(per.get(k) is not None and per[k] >= t for k, t in _targets(per).items())
 
@@ -167,8 +210,12 @@ def write_lm_card(model_dir, run_dir, evaluation: dict | str | Path | None = Non
     if evaluation is not None:
         result = json.loads(Path(evaluation).read_text()) if isinstance(evaluation, (str, Path)) else evaluation
         lines += ["## Evaluation", ""] + _metric_lines(result)
-        lines += ["## Targets", "", "The default model's targets, through the evaluation tagger "
-                  "(`musicgen_lite.metrics.load_tagger`) and librosa's beat tracker:", ""] + target_lines(result)
+        intro = ("The melody model's target: following the melody it is given, measured as chroma cosine "
+                 f"(`musicgen_lite.metrics.chroma_cosine_similarity`), at least {MELODY_RATIO:g}x the same model's "
+                 "from the captions alone:" if is_melody_result(result) else
+                 "The default model's targets, through the evaluation tagger "
+                 "(`musicgen_lite.metrics.load_tagger`) and librosa's beat tracker:")
+        lines += ["## Targets", "", intro, ""] + target_lines(result)
         lines += [f"All targets met: **{'yes' if targets_met(result) else 'no'}**.", ""]
     if notes:
         lines += ["## Notes", "", notes.strip(), ""]

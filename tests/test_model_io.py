@@ -165,3 +165,27 @@ def test_export_cli_writes_a_model_card(lm_run, tmp_path):
     with pytest.raises(SystemExit, match="eval-json"):
         main(["export", "lm", str(tmp / "run"), "--codec", str(tmp / "codec"), "--out", str(out),
               "--eval-json", str(tmp_path / "missing.json")])
+
+
+def _melody_result(with_melody: float, text_only: float) -> dict:
+    """A result of ``evaluate(..., melodies=...)``: chroma cosine, its text-only and other-melody references."""
+    r = _result({"family_top1": 0.2, "drums": 0.5, "mode": 0.5, "tempo_bpm": 0.3})
+    r["chroma_cosine"] = {"value": with_melody}
+    r["reference"]["shuffled"]["chroma_cosine"] = {"value": 0.11}
+    r["reference"]["text_only"] = {"chroma_cosine": {"value": text_only}, "clap": {"value": 0.4},
+                                   "attribute_accuracy": r["attribute_accuracy"]}
+    return r
+
+
+def test_melody_model_card_holds_the_melody_to_twice_text_only(lm_run, tmp_path):
+    from musicgen_lite.lm_card import melody_ratio, targets_met, write_lm_card
+    from musicgen_lite.training import export_musicgen
+
+    tmp, _ = lm_run
+    out = export_musicgen(tmp / "run", tmp / "codec", tmp_path / "model")
+    card = write_lm_card(out, tmp / "run", _melody_result(0.45, 0.18)).read_text()
+    assert "| chroma cosine, with the melody / text-only | 2.0x | 0.450 | 0.180 | 0.110 | yes (2.50x) |" in card
+    assert "text-only" in card.split("## Targets")[0]  # the metrics table has the text-only column
+    assert "All targets met: **yes**" in card  # attribute targets are the text model's, not the melody model's
+    assert melody_ratio(_melody_result(0.3, 0.2)) == pytest.approx(1.5) and not targets_met(_melody_result(0.3, 0.2))
+    assert melody_ratio(_melody_result(0.3, 0.0)) is None and not targets_met(_melody_result(0.3, 0.0))
