@@ -547,11 +547,16 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
 
 
 @torch.no_grad()
-def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: int = 64, batch_size: int = 16) -> dict:
+def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: int = 64, batch_size: int = 16,
+                    captions: str = "true") -> dict:
     """Mean per-token cross-entropy of ``task`` (an :class:`LMTask`, e.g. ``train_lm(...)["model"]``)
     on a held-out token cache: its first ``max_items`` full windows of ``segment_seconds``, in
     order (the same windows every call), captions (and chroma) as in training, no dropout.
-    Returns ``{"loss", "per_codebook", "windows"}`` (nats)."""
+    ``captions``: ``"true"`` (each window's own), ``"shuffled"`` (the next window's, a fixed
+    rotation) or ``"null"`` (the null condition of guidance): how much a model reads its text is
+    the loss it loses without it. Returns ``{"loss", "per_codebook", "windows"}`` (nats)."""
+    if captions not in ("true", "shuffled", "null"):
+        raise ValueError(f"captions must be 'true', 'shuffled' or 'null', got {captions!r}")
     from .data.dataset import TokenDataset
 
     probe = TokenDataset(tokens)
@@ -569,12 +574,15 @@ def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: i
     was_training = task.training
     task.eval()
     device = next(task.parameters()).device
+    all_texts = [i.get("description", "") for _, i in items]
+    if captions == "shuffled":
+        all_texts = all_texts[1:] + all_texts[:1]
     total, per_cb, n = 0.0, None, 0
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         codes = torch.stack([c for c, _ in chunk]).to(device)
-        texts = [i.get("description", "") for _, i in chunk]
-        kw = {}
+        texts = all_texts[start:start + batch_size]
+        kw = {"drop": True} if captions == "null" else {}
         if getattr(task, "melody", None) is not None:
             kw["chroma"] = torch.stack([i["chroma"] for _, i in chunk]).to(device)
         loss, per_codebook = task(codes, texts if task.conditioner is not None else None, **kw)
@@ -973,6 +981,10 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             # every rank runs it (FSDP gathers weights collectively); the windows are the same on each
             val = validation_loss(task, eval_tokens, opts["segment_seconds"], max_items=opts.get("eval_items", 64))
             extra_row.update(val_loss=round(val["loss"], 5), val_per_codebook=val["per_codebook"])
+            if task.conditioner is not None:  # how much the text is read: the loss without it, minus with it
+                null = validation_loss(task, eval_tokens, opts["segment_seconds"], max_items=opts.get("eval_items", 64),
+                                       captions="null")
+                extra_row["val_text_gain"] = round(null["loss"] - val["loss"], 5)
             if ema is not None:
                 extra_row["val_loss_ema"] = round(validation_loss(ema, eval_tokens, opts["segment_seconds"],
                                                                   max_items=opts.get("eval_items", 64))["loss"], 5)

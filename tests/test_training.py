@@ -325,6 +325,18 @@ def test_validation_loss_is_the_mean_over_fixed_windows(tmp_path, token_cache):
     with torch.no_grad():
         ref, _ = task(torch.stack([c for c, _ in items]), [i["description"] for _, i in items])
     assert a["loss"] == pytest.approx(float(ref), rel=1e-5)
+    # the text's share: null drops the condition, shuffled rotates the captions by one window
+    with torch.no_grad():
+        ref_null, _ = task(torch.stack([c for c, _ in items]), [i["description"] for _, i in items], drop=True)
+    assert validation_loss(task, token_cache, 1.0, captions="null")["loss"] == pytest.approx(float(ref_null), rel=1e-5)
+    shuffled = validation_loss(task, token_cache, 1.0, captions="shuffled")["loss"]
+    with torch.no_grad():  # a conditioner whose output is zero: every caption is the null condition
+        task.conditioner.proj.weight.zero_()
+        task.conditioner.proj.bias.zero_()
+    flat = [validation_loss(task, token_cache, 1.0, captions=c)["loss"] for c in ("true", "shuffled", "null")]
+    assert flat[0] == flat[1] == flat[2] and shuffled != flat[1]
+    with pytest.raises(ValueError, match="captions must be"):
+        validation_loss(task, token_cache, 1.0, captions="random")
 
 
 def test_lm_training_validates_and_writes_samples(tmp_path, codec_and_tokens):
@@ -347,6 +359,8 @@ def test_lm_training_validates_and_writes_samples(tmp_path, codec_and_tokens):
     assert sorted(val) == [2, 4]
     assert val[4] == pytest.approx(validation_loss(run["model"], cache, segment_seconds=1.0)["loss"], abs=1e-5)
     assert len(rows[-1]["val_per_codebook"]) == 4
+    gain = validation_loss(run["model"], cache, segment_seconds=1.0, captions="null")["loss"] - val[4]
+    assert rows[-1]["val_text_gain"] == pytest.approx(gain, abs=1e-4)  # how much the text is read
     samples = [r["samples"] for r in rows if "samples" in r]
     assert samples == [["samples/step_000004_0.wav", "samples/step_000004_1.wav"]]
     wav, sr = load_audio(tmp_path / "run" / samples[0][0])
