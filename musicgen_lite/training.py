@@ -715,7 +715,8 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
         mismatch = {k: v for k, v in mismatch.items() if k not in ("condition_mode", "cross_attention")}
     if mismatch:
         raise ValueError(f"init_from={source}: the LM differs: {mismatch}")
-    if (cond_name or None) != (conditioner or None):
+    same_text = (cond_name or None) == (conditioner or None)
+    if not same_text and (cond_name is None or conditioner is None):
         raise ValueError(f"init_from={source}: text conditioner {cond_name!r}, this run {conditioner!r}")
     lm_state = {k[3:]: v.float() for k, v in state.items() if k.startswith("lm.")}
     if cross_to_prepend:
@@ -725,7 +726,7 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
         if missing:
             raise ValueError(f"init_from={source}: the text LM lacks {missing[:4]}")
     task.lm.load_state_dict(lm_state)
-    if task.conditioner is not None:
+    if task.conditioner is not None and same_text:  # another text encoder starts fresh; the LM carries over
         own = task.conditioner.state_dict()
         given = {k[len("conditioner."):]: v.float() for k, v in state.items() if k.startswith("conditioner.")}
         task.conditioner.load_state_dict({**own, **given})  # a frozen encoder's weights are not in model folders
@@ -819,7 +820,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         init_from: start a new run from trained weights: an LM run folder (its ``checkpoint/``) or
             an exported model folder (:func:`export_musicgen`). The LM and text conditioner weights
             are copied (the LM sizes, conditioner, pattern and codec must match); the optimizer,
-            the step and the schedule start afresh. A melody run may start from a text model:
+            the step and the schedule start afresh. With another text conditioner (``learned`` ->
+            ``minilm``) the LM carries over and the new conditioner starts fresh. A melody run may start from a text model:
             all but its cross-attention carries over (the melody LM reads the text as a prefix),
             and the melody projection starts fresh. Ignored when ``out_dir`` already has a
             checkpoint (that run resumes).

@@ -395,3 +395,9 @@ def test_lm_init_from_a_run_or_a_model_folder(tmp_path, codec_and_tokens):
                  **{**kw, "lm": lm_config("tiny", num_layers=3)})
     with pytest.raises(FileNotFoundError, match="init_from"):
         train_lm(tmp_path / "d", cache, steps=1, init_from=tmp_path / "nothing", **kw)
+    # another text encoder: the LM carries over (lr 0: exactly), the new encoder's projection starts fresh
+    other = train_lm(tmp_path / "e", cache, steps=1, init_from=tmp_path / "first", lr=0.0,
+                     **{**kw, "conditioner": "minilm"})["model"]
+    src = first["model"].lm.state_dict()
+    assert all(torch.equal(v, src[k]) for k, v in other.lm.state_dict().items())
+    assert other.conditioner.proj.weight.shape[1] == 384  # MiniLM's width, not the learned encoder's
