@@ -448,11 +448,16 @@ def dig(d, *keys):
     return d
 
 
-def format_table(result: dict) -> str:
-    """The result as a plain-text table: metrics down, generated / real / shuffled / noise across."""
+def systems(result: dict) -> list[tuple[str, dict]]:
+    """``(name, metrics)`` of the model and each reference of an :func:`evaluate` result, in table order."""
     ref = result["reference"]
-    systems = [("generated", result), *([("text-only", ref["text_only"])] if "text_only" in ref else []),
-               ("real", ref["real"]), ("shuffled", ref["shuffled"]), ("noise", ref["noise"])]
+    return [("generated", result), *([("text-only", ref["text_only"])] if "text_only" in ref else []),
+            ("real", ref["real"]), ("shuffled", ref["shuffled"]), ("noise", ref["noise"])]
+
+
+def format_table(result: dict) -> str:
+    """The result as a plain-text table: metrics down, generated / (text-only) / real / shuffled / noise across."""
+    columns = systems(result)
 
     rows = [("FAD (lower better)", ("fad", "value")),
             ("KL ref||gen (lower better)", ("kl", "kl_ref_gen")),
@@ -462,9 +467,9 @@ def format_table(result: dict) -> str:
             ("attribute accuracy (mean)", ("attribute_accuracy", "mean"))]
     rows += [(f"  {k}", ("attribute_accuracy", "per_attribute", k)) for k in (*ATTRIBUTES, "family_top1", "tempo_bpm")]
     width = max(len(r[0]) for r in rows) + 2
-    lines = [f"{'':<{width}}" + "".join(f"{name:>11}" for name, _ in systems)]
+    lines = [f"{'':<{width}}" + "".join(f"{name:>11}" for name, _ in columns)]
     for label, path in rows:
-        values = [dig(d, *path) for _, d in systems]
+        values = [dig(d, *path) for _, d in columns]
         if all(v is None for v in values):
             continue
         lines.append(f"{label:<{width}}" + "".join(f"{_fmt(v):>11}" for v in values))

@@ -81,10 +81,10 @@ def training_figure(rows: list[dict], path) -> Path:
 
 def _metric_lines(result: dict) -> list[str]:
     from .evaluation import dig as get
+    from .evaluation import systems as columns
 
     ref = result["reference"]
-    systems = [("generated", result), *([("text-only", ref["text_only"])] if "text_only" in ref else []),
-               ("real", ref["real"]), ("shuffled", ref["shuffled"]), ("noise", ref["noise"])]
+    systems = columns(result)
 
     rows = [("FAD (lower better)", ("fad", "value")), ("KL ref to gen (lower better)", ("kl", "kl_ref_gen")),
             ("CLAP score (higher better)", ("clap", "value")), ("chroma cosine", ("chroma_cosine", "value")),

@@ -40,13 +40,10 @@ SCALING_SIZES = {
 
 def study_variants(study: str, scale: str = "lite") -> list[dict]:
     """The variants of ``study``: dicts with ``name`` and the :func:`train_lm` arguments they set."""
-    from .lm import lm_config
-
     if study == "patterns":
         return [{"name": p, "pattern": p} for p in PATTERN_STUDY]
     if study == "scaling":
-        sizes = SCALING_SIZES["tiny" if scale == "tiny" else "lite"]
-        return [{"name": name, "lm": lm_config("tiny" if scale == "tiny" else "lite", **kw)} for name, kw in sizes.items()]
+        return [{"name": name, "lm": study_lm(name, scale)} for name in SCALING_SIZES["tiny" if scale == "tiny" else "lite"]]
     if study == "text_encoders":
         return [{"name": "learned", "conditioner": "learned"}, {"name": "minilm", "conditioner": "minilm"},
                 {"name": "t5", "conditioner": "t5"}]

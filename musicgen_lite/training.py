@@ -827,7 +827,9 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             checkpoint (that run resumes).
         eval_tokens: a held-out token cache: every ``eval_every`` steps (default: each checkpoint)
             the log row also gets ``val_loss`` / ``val_per_codebook`` (:func:`validation_loss` on
-            its first ``eval_items`` windows; ``val_loss_ema`` too with EMA weights).
+            its first ``eval_items`` windows; ``val_loss_ema`` too with EMA weights) and, with a text
+            conditioner, ``val_text_gain``: the loss under the null condition minus ``val_loss``
+            (near 0: the model ignores its caption).
         sample_codec: a codec (or its folder) that decodes the run's tokens: every
             ``sample_every`` steps (default: every 4th checkpoint) the model generates
             ``sample_seconds`` of audio for ``sample_texts`` (default: the first two captions of
@@ -983,7 +985,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             # every rank runs it (FSDP gathers weights collectively); the windows are the same on each
             val = validation_loss(task, eval_tokens, opts["segment_seconds"], max_items=opts.get("eval_items", 64))
             extra_row.update(val_loss=round(val["loss"], 5), val_per_codebook=val["per_codebook"])
-            if task.conditioner is not None:  # how much the text is read: the loss without it, minus with it
+            if task.conditioner is not None:  # how much the conditions are read: the loss without, minus with
+                # (the null condition drops the text, and in a melody run the melody with it)
                 null = validation_loss(task, eval_tokens, opts["segment_seconds"], max_items=opts.get("eval_items", 64),
                                        captions="null")
                 extra_row["val_text_gain"] = round(null["loss"] - val["loss"], 5)
