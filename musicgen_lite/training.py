@@ -828,8 +828,10 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         eval_tokens: a held-out token cache: every ``eval_every`` steps (default: each checkpoint)
             the log row also gets ``val_loss`` / ``val_per_codebook`` (:func:`validation_loss` on
             its first ``eval_items`` windows; ``val_loss_ema`` too with EMA weights) and, with a text
-            conditioner, ``val_text_gain``: the loss under the null condition minus ``val_loss``
-            (near 0: the model ignores its caption).
+            conditioner, ``val_text_gain``: the loss under the null condition minus ``val_loss``,
+            nats per token (near 0: the model ignores its caption). A caption holds a few dozen
+            nats in all, so as the LM learns to infer it from the music this falls towards
+            (caption nats / tokens per window); early in a run that reads its text it is large.
         sample_codec: a codec (or its folder) that decodes the run's tokens: every
             ``sample_every`` steps (default: every 4th checkpoint) the model generates
             ``sample_seconds`` of audio for ``sample_texts`` (default: the first two captions of
