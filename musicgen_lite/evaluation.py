@@ -15,6 +15,8 @@ instruments, drums, mode), asks the model for one clip per caption, and measures
   same model without the melody (``text_only``) and the audio against another clip's melody.
 - ``attribute_accuracy``: does the tagger hear what the caption asked for? Only possible
   because our captions come from known attributes.
+- ``caption_gain``: does the LM read its caption at all? Its loss on the held-out clips' own
+  tokens with their own caption, another clip's and none (:func:`caption_gain`), no sampling.
 
 A number alone says little ("FAD 3.2": good?), so ``result["reference"]`` gives the same
 metrics for three stand-ins for the model: ``real`` (the held-out audio itself: the best one
@@ -171,6 +173,57 @@ def generate_all(model, captions: list[str], duration: float, seed: int = 0, bat
     if not torch.isfinite(wav).all():
         raise ValueError("the model generated non-finite audio (NaN or inf)")
     return wav
+
+
+def caption_gain(model, wavs: torch.Tensor, sample_rate: int, captions: list[str], seconds: float = 4.0,
+                 batch_size: int = 8) -> dict | None:
+    """What the captions are worth to ``model``'s LM, in nats per clip.
+
+    The first ``seconds`` of each clip ``wavs[i]`` (``[n, 1, N]`` at ``sample_rate``), encoded
+    by the model's own codec, scored by the LM (teacher forcing, no dropout) with caption ``i``,
+    with caption ``i + 1`` (``other``) and with the null condition (``null``): mean loss per
+    token times the tokens of one clip. ``gain_null = null - own`` is what the caption saves,
+    ``gain_other = other - own`` what a wrong caption costs. A caption holds a few dozen nats
+    (style, instruments, tempo, key, drums); a model that ignores it scores about 0. None for a
+    model without a text conditioner or with a melody conditioner (its LM also expects chroma).
+    """
+    from .audio import resample
+    from .training import LMTask
+
+    if getattr(model, "conditioner", None) is None or getattr(model, "melody_conditioner", None) is not None:
+        return None
+    if not hasattr(model, "codec") or not hasattr(model, "lm"):
+        return None
+    if len(captions) < 2 or len(captions) != wavs.shape[0]:
+        raise ValueError(f"caption_gain needs one caption per clip and at least 2 clips, got {len(captions)} "
+                         f"captions for {wavs.shape[0]} clips")
+    wav = wavs.float().mean(1, keepdim=True)
+    if sample_rate != model.sample_rate:
+        wav = resample(wav, sample_rate, model.sample_rate)
+    wav = _fit(wav, int(round(seconds * model.sample_rate)))
+    task = LMTask(model.lm, model.conditioner, model.pattern)
+    was_training = task.training
+    task.eval()
+    device = next(model.lm.parameters()).device
+    totals = {"own": 0.0, "other": 0.0, "null": 0.0}
+    other = list(captions[1:]) + list(captions[:1])
+    tokens = None
+    with torch.no_grad():
+        for i in range(0, len(captions), batch_size):
+            codes = model.codec.encode(wav[i:i + batch_size].to(device))  # (B, K, T)
+            tokens = codes.shape[1] * codes.shape[2]
+            b = codes.shape[0]
+            totals["own"] += float(task(codes, captions[i:i + batch_size])[0]) * b
+            totals["other"] += float(task(codes, other[i:i + batch_size])[0]) * b
+            totals["null"] += float(task(codes, captions[i:i + batch_size], drop=True)[0]) * b
+    task.train(was_training)
+    per_clip = {k: v / len(captions) * tokens for k, v in totals.items()}
+    return {**{k: round(v, 3) for k, v in per_clip.items()},
+            "gain_null": round(per_clip["null"] - per_clip["own"], 3),
+            "gain_other": round(per_clip["other"] - per_clip["own"], 3),
+            "clips": len(captions), "seconds": float(seconds), "tokens_per_clip": tokens,
+            "note": "nats per clip: the LM's loss on real clips with their own caption, the next clip's, and "
+                    "the null condition"}
 
 
 def white_noise(like: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -411,6 +464,9 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
                 "attribute_accuracy": m.accuracy_of(plain_probs, infos, _bpms(plain)),
                 "note": "the same captions and seeds generated without the melody",
             }
+    k = min(n, 16)
+    result["caption_gain"] = caption_gain(model, real[:k], EVAL_RATE, m.captions[:k], seconds=min(4.0, duration),
+                                          batch_size=batch_size)
     result["reference"] = reference
     result["setup"] = {
         "n": n, "duration": float(duration), "seed": seed, "captions": str(folder),
@@ -478,6 +534,11 @@ def format_table(result: dict) -> str:
     lines.append(f"{s.get('n')} clips of {s.get('duration')} s from {Path(str(s.get('captions'))).name}; "
                  f"real = held-out audio (FAD: half vs half), shuffled = real audio with another clip's caption"
                  + (" (chroma: the generated audio against another clip's melody)" if result.get("chroma_cosine") else ""))
+    gain = result.get("caption_gain")
+    if gain:
+        lines.append(f"caption gain: {gain['gain_null']:.1f} nats per clip saved by the caption (vs none), "
+                     f"{gain['gain_other']:.1f} lost to another clip's caption ({gain['clips']} real clips, "
+                     f"first {gain['seconds']:g} s)")
     models = {result["fad"]["embedder"], result["clap"]["model"]}
     if result.get("chroma_cosine"):
         models.add(result["chroma_cosine"]["extractor"])

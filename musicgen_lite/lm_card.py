@@ -106,7 +106,19 @@ def _metric_lines(result: dict) -> list[str]:
                                                       "melody" if result.get("chroma_cosine") else "")
               + ("; text-only: the same captions and seeds without the melody" if "text_only" in ref else "")
               + "; noise: white noise.", ""]
-    return lines
+    gain = caption_gain_line(result)
+    return lines + ([gain, ""] if gain else [])
+
+
+def caption_gain_line(result: dict) -> str | None:
+    """The card's sentence on whether the LM reads its caption (``result["caption_gain"]``), or None."""
+    g = result.get("caption_gain")
+    if not g:
+        return None
+    return (f"**Caption gain**: on the first {g['seconds']:g} s of {g['clips']} of these real clips the LM's loss is "
+            f"{g['gain_null']:.1f} nats per clip ({g['tokens_per_clip']} tokens) lower with the clip's own caption "
+            f"than with none, and {g['gain_other']:.1f} lower than with another clip's "
+            f"(`evaluation.caption_gain`; about 0 for a model that ignores its text).")
 
 
 def target_lines(result: dict) -> list[str]:

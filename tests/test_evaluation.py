@@ -116,6 +116,10 @@ def test_tiny_random_musicgen_gets_every_metric(refs, heldout):
     assert r["clap"]["model"].startswith("musicgen-lite-clap@") and "MiniLM" in r["clap"]["model"]
     json.dumps(r)  # JSON-ready
     assert "FAD" in format_table(r) and "noise" in format_table(r)
+    gain = r["caption_gain"]  # teacher-forced LM loss on the real clips: own caption, another's, none
+    assert gain["clips"] == 4 and gain["seconds"] == 2.0 and gain["tokens_per_clip"] == 4 * 100
+    assert gain["gain_null"] == pytest.approx(gain["null"] - gain["own"], abs=2e-3)
+    assert "caption gain" in format_table(r)
     # the same seed gives the same numbers
     again = evaluate(model, captions=heldout, n=4, duration=2.0, seed=0, batch_size=2, tagger=tagger, clap=clap,
                      progress=False, top_k=50)
@@ -206,3 +210,29 @@ def test_cli_evaluate_end_to_end_on_a_saved_tiny_model(tmp_path, heldout, capsys
     assert {"fad", "kl", "clap", "chroma_cosine", "attribute_accuracy", "reference"} <= set(r)
     assert r["setup"]["n"] == 2 and r["setup"]["generate"] == {"cfg_coef": 3.0, "top_k": 20}
     assert "FAD" in capsys.readouterr().out
+
+
+def test_caption_gain_is_the_lm_loss_per_clip_and_zero_for_a_model_that_ignores_its_text(heldout):
+    from musicgen_lite.evaluation import caption_gain
+    from musicgen_lite.training import LMTask
+
+    model = tiny_musicgen()
+    wav, infos = load_clips(heldout, 4, SECONDS)  # 16 kHz, like the codec
+    texts = [i["description"] for i in infos]
+    g = caption_gain(model, wav, 16_000, texts, seconds=2.0, batch_size=4)
+    task = LMTask(model.lm, model.conditioner, model.pattern).eval()
+    with torch.no_grad():
+        codes = model.codec.encode(wav[..., :32_000])
+        own = float(task(codes, texts)[0]) * codes.shape[1] * codes.shape[2]
+        null = float(task(codes, texts, drop=True)[0]) * codes.shape[1] * codes.shape[2]
+    assert g["own"] == pytest.approx(own, abs=1e-3) and g["null"] == pytest.approx(null, abs=1e-3)
+    assert g["gain_null"] != 0  # a random text encoder still moves the logits
+    # a conditioner whose states are all zero: the cross-attention adds nothing, with or without a caption
+    with torch.no_grad():
+        for p in model.conditioner.parameters():
+            p.zero_()
+    g0 = caption_gain(model, wav, 16_000, texts, seconds=2.0, batch_size=2)
+    assert g0["gain_null"] == 0 and g0["gain_other"] == 0
+    assert caption_gain(type("NoText", (), {"conditioner": None})(), wav, 16_000, texts) is None
+    with pytest.raises(ValueError, match="one caption per clip"):
+        caption_gain(model, wav, 16_000, texts[:3])

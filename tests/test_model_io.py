@@ -147,7 +147,8 @@ def test_export_cli_writes_a_model_card(lm_run, tmp_path):
 
     tmp, _ = lm_run
     per = {"family": 0.81, "family_top1": 0.72, "style": 0.5, "drums": 0.75, "mode": 0.65, "tempo_bpm": 0.62}
-    (tmp_path / "eval.json").write_text(json.dumps(_result(per)))
+    gain = {"gain_null": 12.25, "gain_other": 20.5, "clips": 16, "seconds": 4.0, "tokens_per_clip": 800}
+    (tmp_path / "eval.json").write_text(json.dumps({**_result(per), "caption_gain": gain}))
     out = tmp_path / "model"
     assert main(["export", "lm", str(tmp / "run"), "--codec", str(tmp / "codec"), "--out", str(out),
                  "--eval-json", str(tmp_path / "eval.json"), "--command", "musicgen-lite train lm TOKENS RUN"]) == 0
@@ -158,6 +159,7 @@ def test_export_cli_writes_a_model_card(lm_run, tmp_path):
     assert "| mode | 0.70 | 0.650 | 0.900 | no |" in card
     assert "| family (top-1 family named in the caption) | 0.70 | 0.720 | 0.900 | yes |" in card
     assert "All targets met: **no**" in card and (out / "training.png").stat().st_size > 1000
+    assert "12.2 nats per clip (800 tokens) lower with the clip's own caption than with none, and 20.5" in card
     assert not targets_met(_result(per)) and targets_met(_result({**per, "mode": TARGETS["mode"]}))
     assert not targets_met(_result({**per, "mode": 0.7, "family_top1": 0.2}))  # the yes/no family's 0.81 is no pass
     old = {k: v for k, v in per.items() if k != "family_top1"}  # results from before family_top1: the old reading
