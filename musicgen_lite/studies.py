@@ -184,6 +184,7 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
             "clap": ev["clap"]["value"],
             "attribute_accuracy": (ev["attribute_accuracy"] or {}).get("mean"),
             "attribute_per": (ev["attribute_accuracy"] or {}).get("per_attribute"),
+            "caption_gain": (ev.get("caption_gain") or {}).get("gain_null"),  # nats per clip the caption saves
         }
         row[{"patterns": "pattern", "scaling": "size", "text_encoders": "encoder"}[study]] = name
         table["rows"].append(row)
@@ -196,7 +197,8 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
 
 def format_study(table: dict) -> str:
     """The table as aligned text, one row per variant."""
-    cols = ["params_m", "val_loss", "fad", "kl", "clap", "attribute_accuracy", "steps_10s", "gen_seconds_10s"]
+    cols = ["params_m", "val_loss", "fad", "kl", "clap", "attribute_accuracy", "caption_gain", "steps_10s",
+            "gen_seconds_10s"]
     lines = [f"{table.get('study', '')}: {table.get('setup', {}).get('steps')} steps each",
              f"{'variant':14s} " + " ".join(f"{c:>12s}" for c in cols)]
     for r in table.get("rows", []):

@@ -55,7 +55,7 @@ def test_pattern_study_rows_resume_and_limits(tmp_path, caches, refs):
     assert [r["pattern"] for r in table["rows"]] == ["flatten", "delay"] and table["pending"] == []  # study order
     assert json.loads(out.read_text()) == table and not list(tmp_path.glob("*.tmp"))
     for r in table["rows"]:
-        for key in ("val_loss", "fad", "kl", "clap", "attribute_accuracy", "gen_seconds_10s", "params_m"):
+        for key in ("val_loss", "fad", "kl", "clap", "attribute_accuracy", "caption_gain", "gen_seconds_10s", "params_m"):
             assert math.isfinite(r[key]), key
         assert r["steps_10s"] == get_pattern(r["pattern"], 4).num_steps(500)
     # flattening: 4 steps per frame; delay: one per frame plus K - 1
