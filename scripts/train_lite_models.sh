@@ -66,4 +66,4 @@ $MLITE study patterns --tokens data/cache/lm_mix/tokens --heldout data/cache/lm_
 $MLITE study scaling --tokens data/cache/lm_mix/tokens --heldout data/cache/lm_heldout/tokens --codec $CODEC \
     --out data/results/scaling.json --steps 600 --segment-seconds 5 --max-minutes 150
 $MLITE study text_encoders --tokens data/cache/lm_mix/tokens --heldout data/cache/lm_heldout/tokens --codec $CODEC \
-    --out data/results/text_encoders.json --steps 1000 --lm S --max-minutes 150
+    --out data/results/text_encoders.json --steps 1000 --lm S --segment-seconds 5 --max-minutes 150
