@@ -50,7 +50,7 @@ $MLITE export lm runs/lm_minilm_scratch --codec $CODEC --out data/checkpoints/mu
 #    held-out set of 100 corpus tunes that the training data never used, to measure it on
 $MLITE data make data/cache/melody_heldout --n 100 --seconds 10 --source corpus --seed 5151 --sample-rate 16000 \
     --workers 2 --exclude-tunes-of data/cache/lm_mix
-$MLITE train lm data/cache/lm_mix/tokens runs/lm_lite_melody --scale lite --conditioner minilm --melody --steps 2500 \
+$MLITE train lm data/cache/lm_mix/tokens runs/lm_lite_melody --scale lite --conditioner minilm --melody --steps 1500 \
     --max-minutes 150 --init-from runs/lm_minilm_scratch --eval-tokens data/cache/lm_heldout/tokens
 $MLITE export lm runs/lm_lite_melody --codec $CODEC --out data/checkpoints/musicgen_lite_melody
 
