@@ -192,8 +192,6 @@ def caption_gain(model, wavs: torch.Tensor, sample_rate: int, captions: list[str
 
     if getattr(model, "conditioner", None) is None or getattr(model, "melody_conditioner", None) is not None:
         return None
-    if not hasattr(model, "codec") or not hasattr(model, "lm"):
-        return None
     if len(captions) < 2 or len(captions) != wavs.shape[0]:
         raise ValueError(f"caption_gain needs one caption per clip and at least 2 clips, got {len(captions)} "
                          f"captions for {wavs.shape[0]} clips")
@@ -201,9 +199,8 @@ def caption_gain(model, wavs: torch.Tensor, sample_rate: int, captions: list[str
     if sample_rate != model.sample_rate:
         wav = resample(wav, sample_rate, model.sample_rate)
     wav = _fit(wav, int(round(seconds * model.sample_rate)))
-    task = LMTask(model.lm, model.conditioner, model.pattern)
-    was_training = task.training
-    task.eval()
+    modes = [(m, m.training) for m in (model.lm, model.conditioner)]  # restored after: a fresh LMTask trains
+    task = LMTask(model.lm, model.conditioner, model.pattern).eval()
     device = next(model.lm.parameters()).device
     totals = {"own": 0.0, "other": 0.0, "null": 0.0}
     other = list(captions[1:]) + list(captions[:1])
@@ -216,7 +213,8 @@ def caption_gain(model, wavs: torch.Tensor, sample_rate: int, captions: list[str
             totals["own"] += float(task(codes, captions[i:i + batch_size])[0]) * b
             totals["other"] += float(task(codes, other[i:i + batch_size])[0]) * b
             totals["null"] += float(task(codes, captions[i:i + batch_size], drop=True)[0]) * b
-    task.train(was_training)
+    for module, training in modes:
+        module.train(training)
     per_clip = {k: v / len(captions) * tokens for k, v in totals.items()}
     return {**{k: round(v, 3) for k, v in per_clip.items()},
             "gain_null": round(per_clip["null"] - per_clip["own"], 3),

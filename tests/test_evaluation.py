@@ -220,6 +220,7 @@ def test_caption_gain_is_the_lm_loss_per_clip_and_zero_for_a_model_that_ignores_
     wav, infos = load_clips(heldout, 4, SECONDS)  # 16 kHz, like the codec
     texts = [i["description"] for i in infos]
     g = caption_gain(model, wav, 16_000, texts, seconds=2.0, batch_size=4)
+    assert not model.lm.training and not model.conditioner.training  # left in eval mode, as it was given
     task = LMTask(model.lm, model.conditioner, model.pattern).eval()
     with torch.no_grad():
         codes = model.codec.encode(wav[..., :32_000])
