@@ -226,6 +226,11 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     extra = {"batch_size": args.batch_size} if args.batch_size else {}
     extra.update({k: v for k, v in (("eval_every", args.eval_every), ("sample_every", args.sample_every)) if v})
+    extra.update({k: v for k, v in (("lr", args.lr), ("warmup", args.warmup)) if v is not None})
+    if args.lr is not None and not args.lr > 0:
+        raise SystemExit(f"--lr must be positive, got {args.lr}")
+    if args.warmup is not None and args.warmup < 0:
+        raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
     for name in ("eval_tokens", "sample_codec", "init_from"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_dir():
@@ -319,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train MusicGen-melody: chroma prefix from the token cache (tokenize a dataset with stems)")
     tl.add_argument("--steps", type=int, default=1000)
     tl.add_argument("--batch-size", type=int, default=None, help="global batch (split over torchrun processes)")
+    tl.add_argument("--lr", type=float, default=None,
+                    help="peak learning rate (default: the scale's; lower it to fine-tune an --init-from model)")
+    tl.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: the scale's)")
     tl.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
     tl.add_argument("--init-from", default=None,
                     help="start a new run from the weights of an LM run folder or a model folder (fresh schedule)")

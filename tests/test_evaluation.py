@@ -237,3 +237,38 @@ def test_caption_gain_is_the_lm_loss_per_clip_and_zero_for_a_model_that_ignores_
     assert caption_gain(type("NoText", (), {"conditioner": None})(), wav, 16_000, texts) is None
     with pytest.raises(ValueError, match="one caption per clip"):
         caption_gain(model, wav, 16_000, texts[:3])
+
+
+def test_mode_and_bpm_are_also_scored_on_only_the_captions_that_state_them():
+    from types import SimpleNamespace
+
+    from musicgen_lite.evaluation import _Measures, caption_states
+    from musicgen_lite.metrics import HEADS
+
+    assert caption_states("Calm ambient piece in D minor, 71 bpm") == {"mode": True, "bpm": True}
+    assert caption_states("jazz: piano, drums, 120bpm, happy") == {"mode": False, "bpm": True}
+    assert caption_states("a major-league banger") == {"mode": True, "bpm": False}  # the word, as the LM reads it
+    assert caption_states("Minority report") == {"mode": False, "bpm": False}
+    assert caption_states("") == {"mode": False, "bpm": False}
+
+    def info(caption, mode, bpm):
+        return {"description": caption, "instrument_families": ["keys"], "style": HEADS["style"][0][0],
+                "mood": HEADS["mood"][0][0], "tempo_bucket": "slow", "drums": False, "mode": mode, "bpm": bpm}
+
+    infos = [info("sad piece in A minor at 80 bpm", "minor", 80),   # both stated; mode right, bpm right
+             info("happy piece in C major", "major", 100),          # mode stated, wrong; bpm unstated, wrong
+             info("a calm piece", "minor", 120),                    # nothing stated; mode right, bpm right (half)
+             info("rock, 140 bpm", "major", 140)]                   # bpm stated, wrong; mode unstated, right
+    n = len(infos)
+    probs = {k: torch.full((n, len(labels)), 1.0 / len(labels)) for k, (labels, _) in HEADS.items()}
+    probs["mode"] = torch.tensor([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])  # minor, minor, minor, major
+    bpms = [81.0, 150.0, 60.0, 100.0]
+    fake = SimpleNamespace(has_attributes=True, tagger_id="t")
+    acc = _Measures.accuracy_of(fake, probs, infos, bpms)
+    per = acc["per_attribute"]
+    assert per["mode"] == 3 / 4 and per["mode_stated"] == 1 / 2
+    assert per["tempo_bpm"] == 2 / 4 and per["tempo_bpm_stated"] == 1 / 2
+    assert acc["stated"] == {"mode": 2, "bpm": 2, "clips": 4}
+    unstated = [info("a calm piece", "minor", 120)] * 2
+    per = _Measures.accuracy_of(fake, {k: v[:2] for k, v in probs.items()}, unstated, bpms[:2])["per_attribute"]
+    assert "mode_stated" not in per and "tempo_bpm_stated" not in per  # no caption says it: not scored, not 0

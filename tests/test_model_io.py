@@ -169,6 +169,21 @@ def test_export_cli_writes_a_model_card(lm_run, tmp_path):
               "--eval-json", str(tmp_path / "missing.json")])
 
 
+def test_card_shows_mode_and_bpm_on_the_captions_that_name_them_beside_the_target():
+    from musicgen_lite.lm_card import target_lines, targets_met
+
+    per = {"family_top1": 0.81, "drums": 0.82, "mode": 0.49, "tempo_bpm": 0.34, "mode_stated": 0.75,
+           "tempo_bpm_stated": 0.4}
+    r = _result(per)
+    r["attribute_accuracy"]["stated"] = {"mode": 44, "bpm": 37, "clips": 100}
+    text = "\n".join(target_lines(r))
+    assert "| mode | 0.70 | 0.490 | 0.900 | no |" in text
+    assert "| mode, only the 44 of 100 captions that name it (not the target) | (0.70) | 0.750 | 0.900 | yes |" in text
+    assert "| tempo_bpm, only the 37 of 100 captions that name it (not the target) | (0.60) | 0.400 | 0.900 | no |" in text
+    assert not targets_met(r)  # the target stays on all clips: the stated-only rows inform, they do not pass it
+    assert "only the" not in "\n".join(target_lines(_result({k: v for k, v in per.items() if "stated" not in k})))
+
+
 def _melody_result(with_melody: float, text_only: float) -> dict:
     """A result of ``evaluate(..., melodies=...)``: chroma cosine, its text-only and other-melody references."""
     r = _result({"family_top1": 0.2, "drums": 0.5, "mode": 0.5, "tempo_bpm": 0.3})
