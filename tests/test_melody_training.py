@@ -314,8 +314,12 @@ def test_melody_model_round_trips(tmp_path, tunes):
 
     tmp, root, cache = tunes
     assert main(["train", "lm", str(cache), str(tmp_path / "run"), "--scale", "tiny", "--lm", "tiny", "--steps", "4",
-                 "--melody", "--threads", "1"]) == 0
+                 "--melody", "--threads", "1", "--lr", "2e-3", "--warmup", "2"]) == 0
     run = tmp_path / "run"
+    options = json.loads((run / "checkpoint" / "config.json").read_text())["extra"]["options"]
+    assert (options["lr"], options["warmup"]) == (2e-3, 2)  # --lr / --warmup reach the recipe
+    with pytest.raises(SystemExit, match="--lr must be positive"):
+        main(["train", "lm", str(cache), str(tmp_path / "bad"), "--scale", "tiny", "--lr", "0"])
     out = export_musicgen(run, tmp / "codec", tmp_path / "model", dtype=None)
     model = MusicGen.load(out)
     config = json.loads((out / "config.json").read_text())["config"]
