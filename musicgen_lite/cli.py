@@ -226,7 +226,10 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     extra = {"batch_size": args.batch_size} if args.batch_size else {}
     extra.update({k: v for k, v in (("eval_every", args.eval_every), ("sample_every", args.sample_every)) if v})
-    extra.update({k: v for k, v in (("lr", args.lr), ("warmup", args.warmup)) if v is not None})
+    extra.update({k: v for k, v in (("lr", args.lr), ("warmup", args.warmup),
+                                    ("caption_metadata_p", args.caption_metadata_p)) if v is not None})
+    if args.caption_metadata_p is not None and not 0 <= args.caption_metadata_p <= 1:
+        raise SystemExit(f"--caption-metadata-p must be in [0, 1], got {args.caption_metadata_p}")
     if args.lr is not None and not args.lr > 0:
         raise SystemExit(f"--lr must be positive, got {args.lr}")
     if args.warmup is not None and args.warmup < 0:
@@ -327,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--lr", type=float, default=None,
                     help="peak learning rate (default: the scale's; lower it to fine-tune an --init-from model)")
     tl.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: the scale's)")
+    tl.add_argument("--caption-metadata-p", type=float, default=None,
+                    help="add the clip's key and bpm to a caption that does not say them, each with this "
+                         "probability (default 0: the captions as written)")
     tl.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
     tl.add_argument("--init-from", default=None,
                     help="start a new run from the weights of an LM run folder or a model folder (fresh schedule)")

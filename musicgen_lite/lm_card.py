@@ -211,6 +211,8 @@ def write_lm_card(model_dir, run_dir, evaluation: dict | str | Path | None = Non
         "recipe": (f"batch {batch} x {seg:g} s, AdamW lr {opts.get('lr')} betas {tuple(opts.get('betas', ()))} weight "
                    f"decay {opts.get('weight_decay')}, {opts.get('warmup')} warmup steps then {opts.get('schedule')}, "
                    f"gradient clip {opts.get('grad_clip')}, condition dropout {opts.get('cond_dropout')}, "
+                   + (f"key and bpm added to captions that lack them with p {opts['caption_metadata_p']}, "
+                      if opts.get("caption_metadata_p") else "") +
                    f"autocast {opts.get('amp')}{' (CPU too)' if opts.get('cpu_amp') else ''}"
                    if batch and seg else "-"),
         "steps": f"{step}" + (f" ({_hours(step * batch * seg)} of audio seen)" if batch and seg else ""),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 import warnings
 from pathlib import Path
@@ -599,7 +600,8 @@ def lm_train_options(scale: str) -> dict:
     """The LM recipe per scale (AdamW 0.9/0.95, weight decay 0.1, warmup + cosine, as MusicGen)."""
     base = dict(batch_size=16, segment_seconds=10.0, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup=200,
                 schedule="cosine", grad_clip=1.0, grad_accum=1, ema_decay=None, cond_dropout=0.3, amp="bf16",
-                log_every=25, checkpoint_every=250, fsdp=None, melody_dropout=0.0, cpu_amp=False)
+                log_every=25, checkpoint_every=250, fsdp=None, melody_dropout=0.0, cpu_amp=False,
+                caption_metadata_p=0.0)
     if scale == "lite":
         # bf16 autocast on CPUs with native bf16 too: a lite step (4 x 10 s, 1 thread) took 1.87 s
         # instead of 2.60 in fp32 on the project's machine
@@ -850,7 +852,7 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     from dataclasses import replace
 
     from .conditioning import MelodyConditioner, get_conditioner
-    from .data.dataset import TokenDataset
+    from .data.dataset import TokenDataset, caption_for_training
     from .hub import melody_spec
     from .lm import LMConfig, MusicLM, lm_config
 
@@ -947,7 +949,10 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         torch.manual_seed(seed + step)  # dropout inside the model, if any
         items = [data[int(i)] for i in idx]
         codes = torch.stack([c for c, _ in items]).to(device)  # (b, K, T)
-        texts = [info.get("description", "") for _, info in items]
+        # key / bpm added to captions: a stream of its own per item of the global batch (p = 0 draws nothing)
+        texts = [caption_for_training(info, opts.get("caption_metadata_p", 0.0),
+                                      random.Random(f"captions:{seed}:{step}:{rank * local + j}"))
+                 for j, (_, info) in enumerate(items)]
         chroma = torch.stack([info["chroma"] for _, info in items]).to(device) if melody else None  # (b, Lc, C)
         optimizer.zero_grad(set_to_none=True)
         total, per_cb = 0.0, torch.zeros(cfg.num_codebooks)

@@ -194,6 +194,36 @@ def test_lm_training_resumes_exactly(tmp_path, token_cache):
         assert torch.equal(p, q), n
 
 
+def test_caption_metadata_reaches_the_text_conditioner_and_resumes_exactly(tmp_path, token_cache, monkeypatch):
+    """``caption_metadata_p``: the key and bpm each added to a caption that lacks them, from a
+    stream seeded per (seed, step, item), so a resumed run sees the same captions; p = 0 is the
+    captions as written."""
+    from musicgen_lite.conditioning import LearnedTextConditioner
+    from musicgen_lite.evaluation import caption_states
+    from musicgen_lite.training import train_lm
+
+    seen = []
+    forward = LearnedTextConditioner.forward
+
+    def spy(self, texts, *a, **k):
+        seen.append(list(texts))
+        return forward(self, texts, *a, **k)
+
+    monkeypatch.setattr(LearnedTextConditioner, "forward", spy)
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False, cond_dropout=0.0)
+    plain = train_lm(tmp_path / "plain", token_cache, steps=3, **kw)
+    plain_texts, seen[:] = [t for b in seen for t in b], []
+    whole = train_lm(tmp_path / "a", token_cache, steps=6, caption_metadata_p=1.0, **kw)
+    texts = [t for b in seen for t in b]
+    assert all(caption_states(t) == {"mode": True, "bpm": True} for t in texts)  # p = 1: every caption says both
+    assert sum(caption_states(t)["mode"] for t in plain_texts) < len(plain_texts)  # the written ones do not
+    assert whole["losses"][:3] != plain["losses"]
+    seen[:] = []
+    train_lm(tmp_path / "b", token_cache, steps=3, caption_metadata_p=1.0, **kw)
+    rest = train_lm(tmp_path / "b", token_cache, steps=6, caption_metadata_p=1.0, **kw)
+    assert [t for b in seen for t in b] == texts and rest["losses"] == whole["losses"][3:]
+
+
 def test_lm_cpu_bf16_option(tmp_path, token_cache):
     """``cpu_amp``: bf16 autocast on a CPU with native bf16 (else fp32, as without the option)."""
     from musicgen_lite.training import _cpu_has_native_bf16, train_lm

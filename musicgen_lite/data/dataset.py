@@ -39,6 +39,31 @@ SOURCES = ("synth", "corpus", "mix")  # mix: synthetic clips with every 4th one 
 MIX_CORPUS_EVERY = 4
 
 
+def caption_for_training(info: dict, p: float, rng: random.Random) -> str:
+    """The clip's caption, with its key and its bpm each added (when the caption does not already
+    say them) with probability ``p``: ``"... , in D minor"``, ``"..., 71 bpm"``.
+
+    Our captions name the key in about a third of the clips and a bpm in under half, so an LM
+    sees the words that carry the mode and the exact tempo too rarely to learn them (the shipped
+    default ignores both). MusicGen's data pipeline does the same kind of thing: it merges the
+    clip's other metadata (key, bpm, genre, moods ...) into the text description with some
+    probability. ``p = 0`` returns the caption unchanged and draws nothing from ``rng``.
+    """
+    text = info.get("description", "")
+    if not p:
+        return text
+    from ..evaluation import caption_states
+
+    said = caption_states(text)
+    key = info.get("key") or (f"{info['tonic']} {info['mode']}" if info.get("tonic") and info.get("mode") else None)
+    extras = []
+    if key and rng.random() < p and not said["mode"]:
+        extras.append(f"in {key}")
+    if info.get("bpm") and rng.random() < p and not said["bpm"]:
+        extras.append(f"{int(round(float(info['bpm'])))} bpm")
+    return ", ".join([text.rstrip(" .,;")] + extras) if extras and text else (text or ", ".join(extras))
+
+
 def cache_root() -> Path:
     """``$MUSICGEN_LITE_CACHE``, else ``data/cache`` of a source checkout, else ``~/.cache/musicgen-lite``."""
     if os.environ.get("MUSICGEN_LITE_CACHE"):
