@@ -549,15 +549,19 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
 
 @torch.no_grad()
 def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: int = 64, batch_size: int = 16,
-                    captions: str = "true") -> dict:
+                    captions: str = "true", melody: str = "true") -> dict:
     """Mean per-token cross-entropy of ``task`` (an :class:`LMTask`, e.g. ``train_lm(...)["model"]``)
     on a held-out token cache: its first ``max_items`` full windows of ``segment_seconds``, in
     order (the same windows every call), captions (and chroma) as in training, no dropout.
     ``captions``: ``"true"`` (each window's own), ``"shuffled"`` (the next window's, a fixed
     rotation) or ``"null"`` (the null condition of guidance): how much a model reads its text is
-    the loss it loses without it. Returns ``{"loss", "per_codebook", "windows"}`` (nats)."""
+    the loss it loses without it. ``melody`` (a melody task): ``"true"`` (each window's own
+    chroma), ``"shuffled"`` (the next window's) or ``"null"`` (the null melody alone, the text
+    kept): how much the model reads its melody. Returns ``{"loss", "per_codebook", "windows"}`` (nats)."""
     if captions not in ("true", "shuffled", "null"):
         raise ValueError(f"captions must be 'true', 'shuffled' or 'null', got {captions!r}")
+    if melody not in ("true", "shuffled", "null"):
+        raise ValueError(f"melody must be 'true', 'shuffled' or 'null', got {melody!r}")
     from .data.dataset import TokenDataset
 
     probe = TokenDataset(tokens)
@@ -578,14 +582,18 @@ def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: i
     all_texts = [i.get("description", "") for _, i in items]
     if captions == "shuffled":
         all_texts = all_texts[1:] + all_texts[:1]
+    chromas = [i["chroma"] for _, i in items] if getattr(task, "melody", None) is not None else None
+    if chromas is not None and melody == "shuffled":
+        chromas = chromas[1:] + chromas[:1]
     total, per_cb, n = 0.0, None, 0
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         codes = torch.stack([c for c, _ in chunk]).to(device)
         texts = all_texts[start:start + batch_size]
         kw = {"drop": True} if captions == "null" else {}
-        if getattr(task, "melody", None) is not None:
-            kw["chroma"] = torch.stack([i["chroma"] for _, i in chunk]).to(device)
+        if chromas is not None:
+            kw["chroma"] = torch.stack(chromas[start:start + batch_size]).to(device)
+            kw["drop_melody"] = melody == "null"
         loss, per_codebook = task(codes, texts if task.conditioner is not None else None, **kw)
         total += float(loss) * len(chunk)
         per_cb = per_codebook.float().cpu() * len(chunk) + (per_cb if per_cb is not None else 0)
@@ -834,6 +842,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             nats per token (near 0: the model ignores its caption). A caption holds a few dozen
             nats in all, so as the LM learns to infer it from the music this falls towards
             (caption nats / tokens per window); early in a run that reads its text it is large.
+            A melody run also logs ``val_melody_gain``: the loss with the null melody (the text
+            kept) minus ``val_loss``, what the melody alone is worth.
         sample_codec: a codec (or its folder) that decodes the run's tokens: every
             ``sample_every`` steps (default: every 4th checkpoint) the model generates
             ``sample_seconds`` of audio for ``sample_texts`` (default: the first two captions of
@@ -997,6 +1007,10 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
                 null = validation_loss(task, eval_tokens, opts["segment_seconds"], max_items=opts.get("eval_items", 64),
                                        captions="null")
                 extra_row["val_text_gain"] = round(null["loss"] - val["loss"], 5)
+            if melody:  # the melody alone: the loss with the null melody (text kept) minus val_loss
+                no_melody = validation_loss(task, eval_tokens, opts["segment_seconds"],
+                                            max_items=opts.get("eval_items", 64), melody="null")
+                extra_row["val_melody_gain"] = round(no_melody["loss"] - val["loss"], 5)
             if ema is not None:
                 extra_row["val_loss_ema"] = round(validation_loss(ema, eval_tokens, opts["segment_seconds"],
                                                                   max_items=opts.get("eval_items", 64))["loss"], 5)

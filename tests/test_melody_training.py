@@ -248,7 +248,7 @@ def test_the_lm_learns_to_read_the_melody(tmp_path, tunes):
     _, _, cache = tunes
     out = train_lm(tmp_path / "run", cache, scale="tiny", lm="tiny", conditioner=None, melody=True, steps=200,
                    progress=False, batch_size=4, cond_dropout=0.0, melody_dropout=0.0, warmup=5,
-                   checkpoint_every=10_000, log_every=10_000)
+                   checkpoint_every=10_000, log_every=10_000, eval_tokens=cache)
     task = out["model"]
     ds = TokenDataset(cache, segment_frames=50)
     codes = torch.stack([ds[i][0] for i in range(4)])  # (4, K, 50)
@@ -259,6 +259,16 @@ def test_the_lm_learns_to_read_the_melody(tmp_path, tunes):
         other = float(task(codes, None, False, chroma.roll(1, dims=0))[0])
         null = float(task(codes, None, False, chroma, True)[0])
     assert own < 0.5 * other and own < null, (own, other, null)
+    # validation_loss reads the melody the same three ways, and the run logs what the melody is worth
+    from musicgen_lite.training import validation_loss
+
+    val = {m: validation_loss(task, cache, 1.0, melody=m)["loss"] for m in ("true", "shuffled", "null")}
+    assert val["true"] == pytest.approx(own, rel=1e-5) and val["null"] == pytest.approx(null, rel=1e-5)
+    assert val["shuffled"] > 2 * val["true"]
+    last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 200 and last["val_melody_gain"] == pytest.approx(val["null"] - val["true"], abs=1e-4)
+    with pytest.raises(ValueError, match="melody must be"):
+        validation_loss(task, cache, 1.0, melody="none")
 
 
 def _fsdp_worker(rank, world, port, cache, out, queue):
