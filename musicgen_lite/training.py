@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -332,6 +333,7 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
     probe = bank.batch(10**9, 1, min(samples * 4, max(w.shape[-1] for w in bank.wavs))).to(device)
     log_path = out_dir / "log.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
+    trim_log(log_path, start_step)
     if opts["amp"] not in ("auto", "bf16", "off"):
         raise ValueError(f"train_codec: amp must be 'auto' (bf16 on CUDA only), 'bf16' or 'off', not {opts['amp']!r}")
     # the codec in bf16 autocast (its losses and the quantizer's distances stay fp32); on a CPU
@@ -413,6 +415,23 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
         _save(ckpt, model, optimizer, step, cfg, history, opts, disc, disc_opt, balancer)
     return {"step": step + 1 if losses else start_step, "losses": losses, "log": log_rows, "checkpoint": ckpt,
             "wall_seconds": time.perf_counter() - t0, "model": model.eval()}
+
+
+def trim_log(log_path, step: int) -> int:
+    """Drop the rows of ``log.jsonl`` after ``step``, the step a run resumes from: a run stopped
+    between a log row and its next checkpoint logged steps that it will train (and log) again.
+    Rewritten atomically; returns how many rows were dropped (0: the file is left as it was)."""
+    log_path = Path(log_path)
+    if not log_path.is_file():
+        return 0
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) == len(lines):
+        return 0
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, log_path)
+    return len(lines) - len(keep)
 
 
 def log_wall_seconds(log) -> float:
@@ -943,6 +962,7 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     log_path = out_dir / "log.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        trim_log(log_path, start)
     sampler = None
     if sample_codec is not None and rank == 0:
         if use_fsdp:

@@ -184,12 +184,19 @@ def token_cache(codec_and_tokens):
 def test_lm_training_resumes_exactly(tmp_path, token_cache):
     from musicgen_lite.training import train_lm
 
-    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False, cond_dropout=0.5)
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False, cond_dropout=0.5, log_every=1)
     whole = train_lm(tmp_path / "a", token_cache, steps=6, **kw)
     train_lm(tmp_path / "b", token_cache, steps=3, **kw)
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a run killed after logging steps 4-5, before their checkpoint
+        f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n" + json.dumps({"step": 5, "loss": 99.0}) + "\n")
     rest = train_lm(tmp_path / "b", token_cache, steps=6, **kw)  # picks up at step 3
     assert len(rest["losses"]) == 3
     assert rest["losses"] == whole["losses"][3:]
+    # the log holds each step once, as the uninterrupted run's (the killed run's rows after step 3 dropped)
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+            for name in ("a", "b")}
+    assert [r["step"] for r in rows["b"]] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows["b"]] == [r["loss"] for r in rows["a"]]
     for (n, p), q in zip(whole["model"].state_dict().items(), rest["model"].state_dict().values()):
         assert torch.equal(p, q), n
 
