@@ -227,8 +227,7 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
     extra = {"batch_size": args.batch_size} if args.batch_size else {}
     extra.update({k: v for k, v in (("eval_every", args.eval_every), ("sample_every", args.sample_every)) if v})
     extra.update({k: v for k, v in (("lr", args.lr), ("warmup", args.warmup),
-                                    ("caption_metadata_p", args.caption_metadata_p),
-                                    ("melody_positions", args.melody_positions)) if v is not None})
+                                    ("caption_metadata_p", args.caption_metadata_p)) if v is not None})
     if args.caption_metadata_p is not None and not 0 <= args.caption_metadata_p <= 1:
         raise SystemExit(f"--caption-metadata-p must be in [0, 1], got {args.caption_metadata_p}")
     if args.lr is not None and not args.lr > 0:
@@ -331,9 +330,6 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--lr", type=float, default=None,
                     help="peak learning rate (default: the scale's; lower it to fine-tune an --init-from model)")
     tl.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: the scale's)")
-    tl.add_argument("--melody-positions", choices=("count", "aligned"), default=None,
-                    help="with --melody: the chroma prefix rows at positions 0, 1, ... (count, MusicGen-melody's) "
-                         "or at the positions of the token frames they describe (aligned)")
     tl.add_argument("--caption-metadata-p", type=float, default=None,
                     help="add the clip's key and bpm to a caption that does not say them, each with this "
                          "probability (default 0: the captions as written)")

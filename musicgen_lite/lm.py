@@ -63,12 +63,6 @@ class LMConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     max_period: float = 10_000.0  # of the sinusoidal positions
-    # prepend mode, "aligned" melody positions (0: MusicGen-melody's, every prefix row counted): the
-    # first ``melody_rows`` rows of the prefix (the chroma) take the positions of the token frames
-    # they describe, row i at ``P + round(i * melody_ratio)`` (P: the prefix length, where the first
-    # token sits; ``melody_ratio``: token frames per chroma frame, 6.4 at 50 Hz / 7.8 Hz)
-    melody_rows: int = 0
-    melody_ratio: float = 0.0
 
     @property
     def special(self) -> int:
@@ -101,21 +95,6 @@ def lm_config(name: str = "tiny", **overrides) -> LMConfig:
     if unknown:
         raise TypeError(f"LMConfig has no field {unknown[0]!r}")
     return replace(LM_PRESETS[name], **overrides)
-
-
-def prefix_positions(prefix: int, n: int, melody_rows: int, melody_ratio: float, device=None) -> torch.Tensor:
-    """Position ids ``[n]`` of a prepend-mode sequence ``[chroma (melody_rows) | text | tokens]``
-    with aligned melody rows: tokens (and text rows) count as usual, ``0 .. n-1`` with the first
-    token at ``prefix``, while chroma row ``i`` sits at ``prefix + round(i * melody_ratio)`` (halves
-    up), the
-    position of the token frame it describes. Sinusoidal attention then finds "the chroma of now"
-    at a fixed offset, which the counted layout (row ``i`` at ``i``) makes a ratio to learn."""
-    if melody_rows > prefix or melody_ratio <= 0:
-        raise ValueError(f"melody_rows={melody_rows} must fit the prefix ({prefix}) and melody_ratio={melody_ratio} "
-                         "must be positive")
-    index = torch.arange(n, device=device)
-    index[:melody_rows] = prefix + (torch.arange(melody_rows, device=device) * melody_ratio + 0.5).floor().long()
-    return index
 
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -295,9 +274,6 @@ class MusicLM(nn.Module):
             raise ValueError(f"dim {config.dim} must be even and divisible by num_heads {config.num_heads}")
         if config.condition_mode not in ("cross", "prepend"):
             raise ValueError(f"condition_mode must be 'cross' or 'prepend', got {config.condition_mode!r}")
-        if config.melody_rows and (config.condition_mode != "prepend" or config.melody_ratio <= 0):
-            raise ValueError("melody_rows (aligned melody positions) needs condition_mode='prepend' and a positive "
-                             f"melody_ratio, got {config.condition_mode!r} and {config.melody_ratio}")
         self.emb = nn.ModuleList(nn.Embedding(config.bins + 1, config.dim) for _ in range(config.num_codebooks))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.out_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
@@ -370,11 +346,7 @@ class MusicLM(nn.Module):
             if cache is not None:
                 cache.prefix = prefix
         n = x.shape[1]
-        if prefix and cfg.melody_rows:  # aligned melody rows: chroma row i beside token frame i * ratio
-            index = prefix_positions(prefix, n, cfg.melody_rows, cfg.melody_ratio, seq.device)
-            x = x + self.positions(int(index.max()) + 1, seq.device)[index].to(x.dtype)
-        else:
-            x = x + self.positions(start + n, seq.device)[start:start + n].to(x.dtype)
+        x = x + self.positions(start + n, seq.device)[start:start + n].to(x.dtype)
 
         # condition: keys/values per layer, from the cache after the first step
         cross, mask, gate = [None] * cfg.num_layers, None, None

@@ -628,7 +628,7 @@ def lm_train_options(scale: str) -> dict:
     base = dict(batch_size=16, segment_seconds=10.0, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup=200,
                 schedule="cosine", grad_clip=1.0, grad_accum=1, ema_decay=None, cond_dropout=0.3, amp="bf16",
                 log_every=25, checkpoint_every=250, fsdp=None, melody_dropout=0.0, cpu_amp=False,
-                caption_metadata_p=0.0, melody_positions="count")
+                caption_metadata_p=0.0)
     if scale == "lite":
         # bf16 autocast on CPUs with native bf16 too: a lite step (4 x 10 s, 1 thread) took 1.87 s
         # instead of 2.60 in fp32 on the project's machine
@@ -741,8 +741,7 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
     # a melody LM (prepend) from a text LM (cross-attention): everything but the cross-attention carries over
     cross_to_prepend = (cfg.condition_mode == "prepend" and config.get("condition_mode", "cross") == "cross")
     if cross_to_prepend:
-        mismatch = {k: v for k, v in mismatch.items()
-                    if k not in ("condition_mode", "cross_attention", "melody_rows", "melody_ratio")}
+        mismatch = {k: v for k, v in mismatch.items() if k not in ("condition_mode", "cross_attention")}
     if mismatch:
         raise ValueError(f"init_from={source}: the LM differs: {mismatch}")
     same_text = (cond_name or None) == (conditioner or None)
@@ -844,10 +843,7 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             (``build_token_cache(..., chroma=True)``, or a dataset with melody stems). Its recipe
             adds :data:`MELODY_TRAIN_OPTIONS`: ``cond_dropout`` 0.2 (drops text and melody
             together, as the null rows of guidance) and ``melody_dropout`` 0.5 (the null melody
-            alone), both drawn per batch from ``(seed, step)``. Option ``melody_positions``:
-            ``"count"`` (MusicGen-melody's, and transformers': prefix rows at positions 0, 1, ...)
-            or ``"aligned"`` (chroma row i at the position of token frame i * ratio,
-            :func:`~musicgen_lite.lm.prefix_positions`; not portable to transformers).
+            alone), both drawn per batch from ``(seed, step)``.
         stop_after: checkpoint and stop once this step is done, as an interrupted run would,
             while the schedule still plans ``steps`` (a later call resumes to ``steps``).
         init_from: start a new run from trained weights: an LM run folder (its ``checkpoint/``) or
@@ -903,11 +899,6 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     cfg = lm_config(lm) if isinstance(lm, str) else lm
     cfg = replace(cfg, num_codebooks=fp["num_codebooks"], bins=fp["cardinality"],
                   cross_attention=conditioner is not None, **({"condition_mode": "prepend"} if melody else {}))
-    if opts["melody_positions"] not in ("count", "aligned"):
-        raise ValueError(f"melody_positions must be 'count' or 'aligned', got {opts['melody_positions']!r}")
-    if melody and opts["melody_positions"] == "aligned":  # chroma row i at the position of token frame i * ratio
-        cfg = replace(cfg, melody_rows=data.chroma_frames(segment_frames),
-                      melody_ratio=fp["frame_rate"] / data.chroma_settings["frame_rate"])
     torch.manual_seed(seed)
     lm_module, text = MusicLM(cfg), get_conditioner(conditioner, cfg.dim) if conditioner else None
     melody_cond = None

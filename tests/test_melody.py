@@ -142,37 +142,6 @@ def test_null_condition_drops_text_and_melody(ported):
 
 # ---------------------------------------------------------------------------- prefix LM
 
-def test_aligned_melody_positions_put_each_chroma_row_beside_its_token_frame():
-    from musicgen_lite.lm import prefix_positions
-
-    # [chroma 3 | text 2 | tokens 4]: tokens at 5.., chroma row i at 5 + round(2.5 i), text rows counted
-    assert prefix_positions(5, 9, 3, 2.5).tolist() == [5, 8, 10, 3, 4, 5, 6, 7, 8]
-    assert prefix_positions(4, 6, 4, 6.4).tolist() == [4, 10, 17, 23, 4, 5]
-    with pytest.raises(ValueError, match="melody_rows"):
-        prefix_positions(2, 6, 3, 2.0)
-    torch.manual_seed(0)
-    cfg = dict(bins=16, dim=32, condition_mode="prepend")
-    aligned = MusicLM(lm_config("tiny", melody_rows=3, melody_ratio=2.0, **cfg)).eval()
-    counted = MusicLM(lm_config("tiny", **cfg)).eval()
-    counted.load_state_dict(aligned.state_dict())  # the same weights: only the positions differ
-    B, P, S = 2, 5, 9
-    cond, seq = torch.randn(B, P, 32), torch.randint(0, 17, (B, K, S))
-    with torch.no_grad():
-        full = aligned(seq, cond)
-        assert (full - counted(seq, cond)).abs().max() > 1e-4
-        cache = aligned.new_cache(B, P + S)  # the cached path reads the same positions
-        torch.testing.assert_close(aligned(seq[..., :4], cond, cache=cache), full[:, :, :4], rtol=1e-4, atol=1e-5)
-        for s in range(4, S):
-            step = aligned(seq[..., s:s + 1], cache=cache, last_only=True)
-            torch.testing.assert_close(step[:, :, 0], full[:, :, s], rtol=1e-4, atol=1e-5)
-        # a chroma row moved to another time reads differently; with counted positions only its order matters
-        shifted = cond.clone()
-        shifted[:, [0, 1]] = shifted[:, [1, 0]]
-        assert (aligned(seq, shifted) - full).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="melody_rows"):
-        MusicLM(lm_config("tiny", melody_rows=3, melody_ratio=2.0))  # cross-attention mode has no prefix
-
-
 def test_prefix_lm_with_kv_cache_equals_full_forward():
     torch.manual_seed(0)
     lm = MusicLM(lm_config("tiny", bins=16, dim=32, condition_mode="prepend")).eval()

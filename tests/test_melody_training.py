@@ -324,7 +324,7 @@ def test_melody_model_round_trips(tmp_path, tunes):
 
     tmp, root, cache = tunes
     assert main(["train", "lm", str(cache), str(tmp_path / "run"), "--scale", "tiny", "--lm", "tiny", "--steps", "4",
-                 "--melody", "--threads", "1", "--lr", "2e-3", "--warmup", "2", "--melody-positions", "aligned"]) == 0
+                 "--melody", "--threads", "1", "--lr", "2e-3", "--warmup", "2"]) == 0
     run = tmp_path / "run"
     options = json.loads((run / "checkpoint" / "config.json").read_text())["extra"]["options"]
     assert (options["lr"], options["warmup"]) == (2e-3, 2)  # --lr / --warmup reach the recipe
@@ -335,13 +335,10 @@ def test_melody_model_round_trips(tmp_path, tunes):
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["melody"] == {"sample_rate": SR, "n_chroma": 12, "radix2_exp": 13, "argmax": True, "length": 8}
     assert model.max_duration == 1.0 and model.melody_conditioner.length == 8
-    lm_cfg = json.loads((out / "config.json").read_text())["config"]["lm"]  # aligned: chroma row i at token frame i * 6.4
-    assert (model.lm.config.melody_rows, model.lm.config.melody_ratio) == (8, 50 / 7.8125) == (
-        lm_cfg["melody_rows"], lm_cfg["melody_ratio"])
 
     # the run in memory: train_lm on the finished run loads its checkpoint and trains no further
     task = train_lm(run, cache, scale="tiny", lm="tiny", conditioner="learned", melody=True, steps=4,
-                    progress=False, melody_positions="aligned")["model"]
+                    progress=False)["model"]
     for name, value in task.melody.named_parameters():
         assert torch.equal(model.melody_conditioner.state_dict()[name], value), name
     live = MusicGen(load_codec(tmp / "codec"), task.lm, task.conditioner, "delay", max_duration=1.0,
