@@ -54,10 +54,12 @@ $MLITE data make data/cache/melody_heldout --n 100 --seconds 10 --source corpus 
 #    With the null melody (text kept) the held-out loss rises by 0.0004 nats per token (val_melody_gain);
 #    on 100 held-out tunes the chroma cosine with the melody is 0.153 against 0.125 from the captions alone
 #    (1.22x; target 2x) and 0.106 against another tune's melody. An S LM with the melody alone (no text, so a
-#    fixed prefix) also read nothing of it in 500 steps (val_melody_gain -0.0007), nor with the chroma rows at
-#    their token frames' positions (--melody-positions aligned: +0.0004). Not shipped. The melody is worth
-#    reading: in lm_mix the aligned chroma pitch class lowers the entropy of codebook-0 tokens from 7.22 to
-#    5.86 nats (the same clip's chroma 2.6 s off: 6.97). Next attempt: a melody LM from scratch, longer.
+#    fixed prefix) also read nothing of it in 500 steps (val_melody_gain -0.0007), nor with the chroma rows moved
+#    to their token frames' positions (an experiment, +0.0004; on a toy probe of unseen sine melodies the usual
+#    counted positions learned the melody better, 0.054 vs 0.033 nats per token, so it was not kept). Not
+#    shipped. The melody is worth reading: in lm_mix the aligned chroma pitch class lowers the entropy of
+#    codebook-0 tokens from 7.22 to 5.86 nats (the same clip's chroma 2.6 s off: 6.97). Next attempt: a melody
+#    LM from scratch, longer.
 $MLITE train lm data/cache/lm_mix/tokens runs/lm_lite_melody --scale lite --conditioner minilm --melody --steps 1500 \
     --max-minutes 150 --init-from runs/lm_minilm_scratch --eval-tokens data/cache/lm_heldout/tokens
 $MLITE export lm runs/lm_lite_melody --codec $CODEC --out data/checkpoints/musicgen_lite_melody
