@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
 import warnings
 from pathlib import Path
@@ -980,8 +979,7 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         items = [data[int(i)] for i in idx]
         codes = torch.stack([c for c, _ in items]).to(device)  # (b, K, T)
         # key / bpm added to captions: a stream of its own per item of the global batch (p = 0 draws nothing)
-        texts = [caption_for_training(info, opts.get("caption_metadata_p", 0.0),
-                                      random.Random(f"captions:{seed}:{step}:{rank * local + j}"))
+        texts = [caption_for_training(info, opts["caption_metadata_p"], f"captions:{seed}:{step}:{rank * local + j}")
                  for j, (_, info) in enumerate(items)]
         chroma = torch.stack([info["chroma"] for _, info in items]).to(device) if melody else None  # (b, Lc, C)
         optimizer.zero_grad(set_to_none=True)

@@ -39,7 +39,7 @@ SOURCES = ("synth", "corpus", "mix")  # mix: synthetic clips with every 4th one 
 MIX_CORPUS_EVERY = 4
 
 
-def caption_for_training(info: dict, p: float, rng: random.Random) -> str:
+def caption_for_training(info: dict, p: float, seed) -> str:
     """The clip's caption, with its key and its bpm each added (when the caption does not already
     say them) with probability ``p``: ``"... , in D minor"``, ``"..., 71 bpm"``.
 
@@ -47,12 +47,15 @@ def caption_for_training(info: dict, p: float, rng: random.Random) -> str:
     sees the words that carry the mode and the exact tempo too rarely to learn them (the shipped
     default ignores both). MusicGen's data pipeline does the same kind of thing: it merges the
     clip's other metadata (key, bpm, genre, moods ...) into the text description with some
-    probability. ``p = 0`` returns the caption unchanged and draws nothing from ``rng``.
+    probability. The draws come from ``random.Random(seed)`` (any hashable: one stream per item);
+    ``p = 0`` returns the caption unchanged without building one.
     """
     text = info.get("description", "")
     if not p:
         return text
     from ..evaluation import caption_states
+
+    rng = random.Random(seed)
 
     said = caption_states(text)
     key = info.get("key") or (f"{info['tonic']} {info['mode']}" if info.get("tonic") and info.get("mode") else None)
