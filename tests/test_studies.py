@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,42 @@ def test_study_variants_and_bad_input(tmp_path, caches):
     assert study_lm("S", "lite") == sizes[0] and study_lm("L", "tiny").dim == 48
     with pytest.raises(ValueError, match="lm='XL'"):
         run_study("patterns", tokens, held_tokens, codec, tmp_path / "x.json", tmp_path, steps=1, scale="tiny", lm="XL")
+
+
+# ------------------------------------------------------------------ the shipped study results
+
+RESULTS = Path(__file__).resolve().parents[1] / "data" / "results"
+
+
+def test_shipped_pattern_study_is_whole_and_its_steps_are_the_patterns_own():
+    """data/results/patterns.json (README table, notebook 08): every pattern of the study, one
+    budget, finite metrics, and decoding steps that are each pattern's own arithmetic."""
+    table = json.loads((RESULTS / "patterns.json").read_text())
+    rows = {r["name"]: r for r in table["rows"]}
+    assert set(rows) == {v["name"] for v in study_variants("patterns")}
+    assert not table.get("pending")
+    frames_10 = round(10 * 50.0)  # the lite codec's 50 Hz
+    for name, row in rows.items():
+        assert row["steps_10s"] == get_pattern(name, 4).num_steps(frames_10)
+        assert row["steps_30s"] == get_pattern(name, 4).num_steps(3 * frames_10)
+        for key in ("val_loss", "fad", "kl", "clap", "attribute_accuracy", "gen_seconds_10s"):
+            assert math.isfinite(row[key]), (name, key)
+        assert 0 < row["val_loss"] < math.log(2048) + 0.5  # below uniform guessing (7.62) give or take
+    assert rows["flatten"]["steps_10s"] == 4 * frames_10  # one step per token
+    assert "--variants" not in table["setup"]["command"]  # the command that rebuilds the whole table
+
+
+def test_shipped_melody_comparison_holds_every_metric_for_both_systems():
+    """data/results/melody_eval.json (README, notebook 09): the melody model and the same model
+    without its melody, each with FAD, KL, CLAP and chroma cosine, and the table renders."""
+    from musicgen_lite.evaluation import format_table
+
+    result = json.loads((RESULTS / "melody_eval.json").read_text())
+    text_only = result["reference"]["text_only"]
+    for system in (result, text_only):
+        for path in (("fad", "value"), ("kl", "kl_ref_gen"), ("clap", "value"), ("chroma_cosine", "value")):
+            value = system[path[0]][path[1]]
+            assert math.isfinite(value), path
+    assert result["setup"]["n"] == 100 and "about" in result
+    table = format_table(result)
+    assert "text-only" in table and "chroma cosine" in table
