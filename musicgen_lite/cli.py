@@ -227,7 +227,8 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
     extra = {"batch_size": args.batch_size} if args.batch_size else {}
     extra.update({k: v for k, v in (("eval_every", args.eval_every), ("sample_every", args.sample_every)) if v})
     extra.update({k: v for k, v in (("lr", args.lr), ("warmup", args.warmup),
-                                    ("caption_metadata_p", args.caption_metadata_p)) if v is not None})
+                                    ("caption_metadata_p", args.caption_metadata_p),
+                                    ("melody_mode", args.melody_mode)) if v is not None})
     if args.caption_metadata_p is not None and not 0 <= args.caption_metadata_p <= 1:
         raise SystemExit(f"--caption-metadata-p must be in [0, 1], got {args.caption_metadata_p}")
     if args.lr is not None and not args.lr > 0:
@@ -330,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--lr", type=float, default=None,
                     help="peak learning rate (default: the scale's; lower it to fine-tune an --init-from model)")
     tl.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: the scale's)")
+    tl.add_argument("--melody-mode", choices=("prefix", "add"), default=None,
+                    help="with --melody: the chroma rows as a prefix (MusicGen-melody's layout, the default) or "
+                         "added to the token frames they describe (frame-aligned: learns to read the melody "
+                         "far sooner on a small budget; not portable to transformers)")
     tl.add_argument("--caption-metadata-p", type=float, default=None,
                     help="add the clip's key and bpm to a caption that does not say them, each with this "
                          "probability (default 0: the captions as written)")

@@ -61,6 +61,11 @@ class MusicGen(nn.Module):
         if melody_conditioner is not None and lm.config.condition_mode != "prepend":
             raise ValueError("a melody_conditioner needs an LM with condition_mode='prepend' "
                              f"(got {lm.config.condition_mode!r})")
+        if lm.config.melody_mode == "add" and (melody_conditioner is None
+                                               or melody_conditioner.length != lm.config.melody_rows):
+            raise ValueError(f"a frame-aligned melody LM (melody_mode='add') reads {lm.config.melody_rows} chroma rows: "
+                             "it needs a melody_conditioner of that length, got "
+                             f"{None if melody_conditioner is None else melody_conditioner.length}")
         self.melody_conditioner = melody_conditioner
         if lm.config.num_codebooks != codec.num_codebooks or lm.config.bins != codec.cardinality:
             raise ValueError(f"LM ({lm.config.num_codebooks} x {lm.config.bins}) does not match the codec "
@@ -276,6 +281,8 @@ class MusicGen(nn.Module):
             cond, cond_mask = torch.cat([cond, null]), torch.cat([cond_mask, null_mask])
         rows = 2 * B if guided else B
         P = cond.shape[1] if cond is not None and lm.config.condition_mode == "prepend" else 0  # prefix length
+        if P and lm.config.melody_mode == "add":  # the chroma rows are added to the steps, not prepended
+            P -= lm.config.melody_rows
         cache = lm.new_cache(rows, -(-(P + S) // 8) * 8)  # a multiple of 8: aligned rows for fused attention
         lm.positions(cache.max_len, device)  # the position table, before any capture
         sampler = sampling.NoiseSampler((B, K), lm.config.bins, temperature, top_k, top_p, generator, device)

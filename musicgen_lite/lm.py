@@ -23,6 +23,19 @@ The condition reaches the model in one of two ways (``LMConfig.condition_mode``)
   prefix states are zero vectors that are still attended to (transformers and audiocraft do
   the same: the released weights learned with it), and only the token positions get logits.
 
+A melody (MusicGen-melody's chroma rows, the first ``melody_rows`` rows of ``cond``) is read
+in one of two ways (``LMConfig.melody_mode``):
+
+- ``"prefix"`` (MusicGen-melody, the default): the chroma rows are part of the prefix like the
+  text, and attention has to learn which row describes the frame being predicted;
+- ``"add"`` (frame-aligned, ours; not MusicGen's layout, not portable to transformers): the
+  chroma row of each token frame is *added* to that step's input, ``x[s] += chroma[i(s)]``
+  with ``i(s) = floor(max(s - 1, 0) / melody_ratio)`` (``melody_ratio``: token frames per
+  chroma frame, 6.4 for 50 Hz tokens and 7.8125 Hz chroma), and only the rest of ``cond``
+  (the text) stays a prefix. Nothing has to be looked up. Measured on our lite LM (notebook
+  06): after 250 steps the melody saved 0.033 nats per token this way, against 0.0007 as a
+  prefix, and still 0.0004 after 1,500 prefix steps.
+
 For generation, :class:`KVCache` holds every layer's keys and values in buffers allocated
 once for the whole length (no concatenation per step), and the cross-attention keys and
 values of the condition are computed once per generation, at the first step; in prepend
@@ -63,6 +76,12 @@ class LMConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     max_period: float = 10_000.0  # of the sinusoidal positions
+    # prepend mode, how the melody is read: "prefix" (MusicGen-melody: the chroma rows are prefix rows) or
+    # "add" (frame-aligned: the first ``melody_rows`` rows of ``cond`` are the chroma, and row
+    # ``floor(max(s - 1, 0) / melody_ratio)`` is added to token step ``s``; see :func:`melody_index`)
+    melody_mode: str = "prefix"
+    melody_rows: int = 0  # "add": chroma rows at the head of cond (one training segment's chroma frames)
+    melody_ratio: float = 0.0  # "add": token frames per chroma frame (50 Hz / 7.8125 Hz = 6.4)
 
     @property
     def special(self) -> int:
@@ -95,6 +114,16 @@ def lm_config(name: str = "tiny", **overrides) -> LMConfig:
     if unknown:
         raise TypeError(f"LMConfig has no field {unknown[0]!r}")
     return replace(LM_PRESETS[name], **overrides)
+
+
+def melody_index(steps: torch.Tensor, melody_rows: int, melody_ratio: float) -> torch.Tensor:
+    """Frame-aligned melody (``melody_mode="add"``): token steps ``[...]`` -> the chroma row each one reads.
+
+    Step ``s`` of the pattern sequence carries the tokens of frame ``s - 1`` (step 0 is the
+    start token), and chroma row ``i`` covers token frames ``[i * ratio, (i + 1) * ratio)``; so
+    ``floor(max(s - 1, 0) / ratio)``, clamped to the last row (a chroma shorter than the
+    sequence holds its last row)."""
+    return ((steps - 1).clamp(min=0) / melody_ratio).floor().long().clamp(max=melody_rows - 1)
 
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -149,6 +178,7 @@ class KVCache:
         self.cross_gate: torch.Tensor | None = None  # (B, 1, 1) 0 where no condition token is valid
         self.batch, self.max_len, self.pos = batch, max_len, 0
         self.prefix = 0  # positions taken by a prepended condition (prepend mode), counted in pos
+        self.melody: torch.Tensor | None = None  # melody_mode "add": the chroma rows [B, melody_rows, D]
 
     @property
     def tokens(self) -> int:
@@ -157,6 +187,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = self.prefix = 0
+        self.melody = None
         self.cross = [None] * len(self.cross)
         self.cross_mask = self.cross_gate = None
 
@@ -274,6 +305,12 @@ class MusicLM(nn.Module):
             raise ValueError(f"dim {config.dim} must be even and divisible by num_heads {config.num_heads}")
         if config.condition_mode not in ("cross", "prepend"):
             raise ValueError(f"condition_mode must be 'cross' or 'prepend', got {config.condition_mode!r}")
+        if config.melody_mode not in ("prefix", "add"):
+            raise ValueError(f"melody_mode must be 'prefix' or 'add', got {config.melody_mode!r}")
+        if config.melody_mode == "add" and (config.condition_mode != "prepend" or config.melody_rows < 1
+                                            or not config.melody_ratio > 0):
+            raise ValueError("melody_mode='add' needs condition_mode='prepend', melody_rows >= 1 and melody_ratio > 0, "
+                             f"got {config.condition_mode!r}, {config.melody_rows}, {config.melody_ratio}")
         self.emb = nn.ModuleList(nn.Embedding(config.bins + 1, config.dim) for _ in range(config.num_codebooks))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.out_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
@@ -331,6 +368,8 @@ class MusicLM(nn.Module):
         B, K, S = seq.shape
         start = cache.pos if cache is not None else 0
         x = sum(self.emb[k](seq[:, k]) for k in range(K))  # (B, S, D)
+        if cfg.melody_mode == "add":  # the chroma rows leave cond and are added to the steps they describe
+            x, cond, cond_mask = self._add_melody(x, cond, cond_mask, cache, start)
 
         prefix = 0  # prepend mode: the condition goes before the tokens, once (first call with a cache)
         if cfg.condition_mode == "prepend" and cond is not None and start == 0:
@@ -371,6 +410,30 @@ class MusicLM(nn.Module):
         x = self.out_norm(x[:, -1:] if last_only else x[:, prefix:])  # token positions only
         return torch.stack([head(x) for head in self.heads], dim=1)  # (B, K, S, bins)
 
+    def _add_melody(self, x, cond, cond_mask, cache, start):
+        """``melody_mode="add"``: split the chroma rows off ``cond`` (at the first call; kept in
+        ``cache.melody`` for the decoding steps) and add to each token step of ``x`` the row it
+        describes (:func:`melody_index`). Returns ``(x, cond, cond_mask)`` without the chroma
+        rows (None when nothing else is left)."""
+        cfg, rows = self.config, self.config.melody_rows
+        if cond is not None and start == 0:
+            if cond.dim() != 3 or cond.shape[0] != x.shape[0] or cond.shape[1] < rows:
+                raise ValueError(f"melody_mode='add': cond must be [B={x.shape[0]}, L >= {rows}, dim] with the "
+                                 f"{rows} chroma rows first, got {list(cond.shape)}")
+            melody, cond = cond[:, :rows], cond[:, rows:]
+            cond_mask = None if cond_mask is None else cond_mask[:, rows:]
+            if cond.shape[1] == 0:
+                cond = cond_mask = None
+            if cache is not None:
+                cache.melody = melody
+        elif cache is not None and cache.melody is not None:
+            melody = cache.melody
+        else:  # no condition at all: an unconditional call
+            return x, cond, cond_mask
+        first = cache.tokens if cache is not None and start > 0 else 0  # token steps seen before this call
+        steps = torch.arange(first, first + x.shape[1], device=x.device)
+        return x + melody.index_select(1, melody_index(steps, rows, cfg.melody_ratio)).to(x.dtype), cond, cond_mask
+
     def decode_step(self, seq: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step with static shapes: ``seq[B, K, 1]`` at cache position ``pos`` -> ``logits[B, K, bins]``.
 
@@ -390,6 +453,9 @@ class MusicLM(nn.Module):
         if seq.shape[0] != cache.batch:
             raise ValueError(f"seq has {seq.shape[0]} rows, the cache {cache.batch}")
         x = sum(self.emb[k](seq[:, k]) for k in range(cfg.num_codebooks))  # (B, 1, D)
+        if cfg.melody_mode == "add" and cache.melody is not None:  # the chroma row of this step's frame
+            row = melody_index(pos - cache.prefix, cfg.melody_rows, cfg.melody_ratio)  # (1,), on the device
+            x = x + cache.melody.index_select(1, row).to(x.dtype)
         x = x + self.positions(cache.max_len, seq.device).index_select(0, pos).to(x.dtype)  # + (1, D)
         positions = torch.arange(cache.max_len, device=seq.device)
         visible = (positions <= pos).view(1, 1, 1, cache.max_len)  # this step sees the prefix and itself

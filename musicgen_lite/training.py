@@ -627,7 +627,7 @@ def lm_train_options(scale: str) -> dict:
     base = dict(batch_size=16, segment_seconds=10.0, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup=200,
                 schedule="cosine", grad_clip=1.0, grad_accum=1, ema_decay=None, cond_dropout=0.3, amp="bf16",
                 log_every=25, checkpoint_every=250, fsdp=None, melody_dropout=0.0, cpu_amp=False,
-                caption_metadata_p=0.0)
+                caption_metadata_p=0.0, melody_mode="prefix")
     if scale == "lite":
         # bf16 autocast on CPUs with native bf16 too: a lite step (4 x 10 s, 1 thread) took 1.87 s
         # instead of 2.60 in fp32 on the project's machine
@@ -740,7 +740,8 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
     # a melody LM (prepend) from a text LM (cross-attention): everything but the cross-attention carries over
     cross_to_prepend = (cfg.condition_mode == "prepend" and config.get("condition_mode", "cross") == "cross")
     if cross_to_prepend:
-        mismatch = {k: v for k, v in mismatch.items() if k not in ("condition_mode", "cross_attention")}
+        mismatch = {k: v for k, v in mismatch.items()
+                    if k not in ("condition_mode", "cross_attention", "melody_mode", "melody_rows", "melody_ratio")}
     if mismatch:
         raise ValueError(f"init_from={source}: the LM differs: {mismatch}")
     same_text = (cond_name or None) == (conditioner or None)
@@ -842,7 +843,11 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             (``build_token_cache(..., chroma=True)``, or a dataset with melody stems). Its recipe
             adds :data:`MELODY_TRAIN_OPTIONS`: ``cond_dropout`` 0.2 (drops text and melody
             together, as the null rows of guidance) and ``melody_dropout`` 0.5 (the null melody
-            alone), both drawn per batch from ``(seed, step)``.
+            alone), both drawn per batch from ``(seed, step)``. Option ``melody_mode``:
+            ``"prefix"`` (MusicGen-melody's, and transformers': the chroma rows are prefix rows)
+            or ``"add"`` (frame-aligned: each token step gets the chroma row of its frame added,
+            :func:`~musicgen_lite.lm.melody_index`; learns to read the melody far sooner, not
+            portable to transformers).
         stop_after: checkpoint and stop once this step is done, as an interrupted run would,
             while the schedule still plans ``steps`` (a later call resumes to ``steps``).
         init_from: start a new run from trained weights: an LM run folder (its ``checkpoint/``) or
@@ -898,6 +903,11 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     cfg = lm_config(lm) if isinstance(lm, str) else lm
     cfg = replace(cfg, num_codebooks=fp["num_codebooks"], bins=fp["cardinality"],
                   cross_attention=conditioner is not None, **({"condition_mode": "prepend"} if melody else {}))
+    if opts["melody_mode"] not in ("prefix", "add"):
+        raise ValueError(f"melody_mode must be 'prefix' or 'add', got {opts['melody_mode']!r}")
+    if melody and opts["melody_mode"] == "add":  # chroma row i added to the token frames it covers
+        cfg = replace(cfg, melody_mode="add", melody_rows=data.chroma_frames(segment_frames),
+                      melody_ratio=fp["frame_rate"] / data.chroma_settings["frame_rate"])
     torch.manual_seed(seed)
     lm_module, text = MusicLM(cfg), get_conditioner(conditioner, cfg.dim) if conditioner else None
     melody_cond = None

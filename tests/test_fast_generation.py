@@ -20,10 +20,10 @@ from musicgen_lite.lm import MusicLM, lm_config
 TEXTS = ["a sad piano piece", "an energetic rock song with drums at 150 bpm"]
 
 
-def toy_melody_musicgen() -> MusicGen:
+def toy_melody_musicgen(**lm_kw) -> MusicGen:
     """A melody model (prepend LM, chroma + text prefix) around the toy codec (1600 Hz)."""
     torch.manual_seed(0)
-    lm = MusicLM(lm_config("tiny", bins=V, dim=32, condition_mode="prepend")).eval()
+    lm = MusicLM(lm_config("tiny", bins=V, dim=32, condition_mode="prepend", **lm_kw)).eval()
     text = LearnedTextConditioner(output_dim=32, dim=32).eval()
     melody = MelodyConditioner(ToyCodec.sample_rate, 32, length=6, radix2_exp=8).eval()
     with torch.no_grad():
@@ -98,8 +98,10 @@ def test_fast_greedy_equals_plain_loop_with_prompts_windows_and_no_condition():
                                                     progress=False, fast=True), plain)
 
 
-def test_fast_greedy_equals_plain_loop_for_a_melody_model():
-    mg = toy_melody_musicgen()
+@pytest.mark.parametrize("melody_mode", ["prefix", "add"])
+def test_fast_greedy_equals_plain_loop_for_a_melody_model(melody_mode):
+    mg = toy_melody_musicgen(**({"melody_mode": "add", "melody_rows": 6, "melody_ratio": 2.0}
+                                if melody_mode == "add" else {}))
     melody = torch.cat([tune([60, 64], 0.4), tune([67, 71], 0.4)])[:, None]  # (2, 1, N)
     results = []
     for cfg_coef, wav in ((3.0, melody), (1.0, melody), (3.0, melody.flip(0))):

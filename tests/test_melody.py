@@ -142,6 +142,47 @@ def test_null_condition_drops_text_and_melody(ported):
 
 # ---------------------------------------------------------------------------- prefix LM
 
+def test_frame_aligned_melody_adds_each_chroma_row_to_the_steps_it_describes():
+    from musicgen_lite.lm import melody_index
+
+    # step s carries frame s - 1; chroma row i covers frames [i * ratio, (i + 1) * ratio); clamped to the last row
+    assert melody_index(torch.arange(10), 3, 2.5).tolist() == [0, 0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert melody_index(torch.tensor([0, 1, 7, 8, 14, 1000]), 79, 6.4).tolist() == [0, 0, 0, 1, 2, 78]
+    torch.manual_seed(0)
+    rows, ratio, B, L, S = 3, 2.0, 2, 2, 9  # cond = [chroma 3 | text 2]
+    lm = MusicLM(lm_config("tiny", bins=16, dim=32, condition_mode="prepend", melody_mode="add", melody_rows=rows,
+                           melody_ratio=ratio)).eval()
+    cond, seq = torch.randn(B, rows + L, 32), torch.randint(0, 17, (B, K, S))
+    reads = melody_index(torch.arange(S), rows, ratio)  # [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    with torch.no_grad():
+        full = lm(seq, cond)
+        # by hand: the same weights as a plain prefix LM over the text, each step's input plus its chroma row
+        plain = MusicLM(lm_config("tiny", bins=16, dim=32, condition_mode="prepend")).eval()
+        plain.load_state_dict(lm.state_dict())
+        hooked = plain.emb[0].register_forward_hook(lambda m, i, out: out + cond[:, :rows][:, reads])
+        torch.testing.assert_close(plain(seq, cond[:, rows:]), full, rtol=1e-5, atol=1e-5)
+        hooked.remove()
+        # a chroma row reaches only the steps that read it, and the ones after them (causal attention)
+        for row in range(rows):
+            changed = cond.clone()
+            changed[:, row] += torch.randn(32)  # not a constant: the layer norms would cancel it
+            moved = (lm(seq, changed) - full).abs().amax(dim=(0, 1, 3)) > 1e-5  # (S,)
+            first = int((reads == row).nonzero()[0])
+            assert not moved[:first].any() and moved[first:].all(), (row, moved.tolist())
+        # the cached path (prefill, then one step at a time) reads the same rows
+        cache = lm.new_cache(B, L + S)
+        torch.testing.assert_close(lm(seq[..., :4], cond, cache=cache), full[:, :, :4], rtol=1e-4, atol=1e-5)
+        for s in range(4, S):
+            step = lm(seq[..., s:s + 1], cache=cache, last_only=True)
+            torch.testing.assert_close(step[:, :, 0], full[:, :, s], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="melody_mode"):
+        MusicLM(lm_config("tiny", melody_mode="add", melody_rows=3, melody_ratio=2.0))  # cross mode: no prefix
+    with pytest.raises(ValueError, match="melody_mode"):
+        MusicLM(lm_config("tiny", condition_mode="prepend", melody_mode="aligned"))
+    with pytest.raises(ValueError, match="chroma rows first"):
+        lm(seq, cond[:, :2])
+
+
 def test_prefix_lm_with_kv_cache_equals_full_forward():
     torch.manual_seed(0)
     lm = MusicLM(lm_config("tiny", bins=16, dim=32, condition_mode="prepend")).eval()

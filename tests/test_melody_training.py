@@ -271,10 +271,12 @@ def test_the_lm_learns_to_read_the_melody(tmp_path, tunes):
         validation_loss(task, cache, 1.0, melody="none")
 
 
-def test_the_lm_learns_to_follow_melodies_it_never_saw(tmp_path):
+@pytest.mark.parametrize("melody_mode", ["prefix", "add"])
+def test_the_lm_learns_to_follow_melodies_it_never_saw(tmp_path, melody_mode):
     """The memorising test above could read a chroma as a clip id. Here the held-out tunes are new:
     a melody-only LM trained on 96 random tunes scores 16 others better with their own melody than
-    with another tune's or none, so it follows pitch in time, not identities."""
+    with another tune's or none, so it follows pitch in time, not identities. Both ways of reading
+    the melody: MusicGen-melody's prefix and the frame-aligned sum."""
     from musicgen_lite.training import train_lm, validation_loss
 
     train, held = write_tunes(tmp_path / "train", 96, seed=0), write_tunes(tmp_path / "held", 16, seed=1)
@@ -282,7 +284,8 @@ def test_the_lm_learns_to_follow_melodies_it_never_saw(tmp_path):
     cache, held_cache = build_token_cache(train, codec, progress=False), build_token_cache(held, codec, progress=False)
     task = train_lm(tmp_path / "run", cache, scale="tiny", lm="tiny", conditioner=None, melody=True, steps=400,
                     progress=False, batch_size=16, cond_dropout=0.0, melody_dropout=0.0,
-                    checkpoint_every=10_000, log_every=10_000)["model"]
+                    checkpoint_every=10_000, log_every=10_000, melody_mode=melody_mode)["model"]
+    assert task.lm.config.melody_mode == melody_mode
     val = {m: validation_loss(task, held_cache, 1.0, melody=m)["loss"] for m in ("true", "shuffled", "null")}
     assert val["true"] < val["shuffled"] - 0.02 and val["true"] < val["null"] - 0.02, val
 
@@ -330,7 +333,8 @@ def test_melody_fsdp_two_processes_match_one(tmp_path, tunes):
 
 # -------------------------------------------------------------------------- model folders
 
-def test_melody_model_round_trips(tmp_path, tunes):
+@pytest.mark.parametrize("melody_mode", ["prefix", "add"])
+def test_melody_model_round_trips(tmp_path, tunes, melody_mode):
     """export_musicgen and MusicGen.save / load keep the melody conditioner: the same generate_with_chroma
     output for the same seed as the model trained in memory (several windows, the melody followed along)."""
     from musicgen_lite.cli import main
@@ -340,7 +344,7 @@ def test_melody_model_round_trips(tmp_path, tunes):
 
     tmp, root, cache = tunes
     assert main(["train", "lm", str(cache), str(tmp_path / "run"), "--scale", "tiny", "--lm", "tiny", "--steps", "4",
-                 "--melody", "--threads", "1", "--lr", "2e-3", "--warmup", "2"]) == 0
+                 "--melody", "--threads", "1", "--lr", "2e-3", "--warmup", "2", "--melody-mode", melody_mode]) == 0
     run = tmp_path / "run"
     options = json.loads((run / "checkpoint" / "config.json").read_text())["extra"]["options"]
     assert (options["lr"], options["warmup"]) == (2e-3, 2)  # --lr / --warmup reach the recipe
@@ -351,10 +355,15 @@ def test_melody_model_round_trips(tmp_path, tunes):
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["melody"] == {"sample_rate": SR, "n_chroma": 12, "radix2_exp": 13, "argmax": True, "length": 8}
     assert model.max_duration == 1.0 and model.melody_conditioner.length == 8
+    lm_cfg = config["lm"]  # add: the 8 chroma rows of a 1 s segment, 6.4 token frames (50 Hz) per row (7.8125 Hz)
+    assert (model.lm.config.melody_mode, lm_cfg["melody_mode"]) == (melody_mode, melody_mode)
+    if melody_mode == "add":
+        assert (model.lm.config.melody_rows, model.lm.config.melody_ratio) == (8, 50 / 7.8125) == (
+            lm_cfg["melody_rows"], lm_cfg["melody_ratio"])
 
     # the run in memory: train_lm on the finished run loads its checkpoint and trains no further
     task = train_lm(run, cache, scale="tiny", lm="tiny", conditioner="learned", melody=True, steps=4,
-                    progress=False)["model"]
+                    progress=False, melody_mode=melody_mode)["model"]
     for name, value in task.melody.named_parameters():
         assert torch.equal(model.melody_conditioner.state_dict()[name], value), name
     live = MusicGen(load_codec(tmp / "codec"), task.lm, task.conditioner, "delay", max_duration=1.0,
