@@ -231,6 +231,8 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
                                     ("melody_mode", args.melody_mode)) if v is not None})
     if args.caption_metadata_p is not None and not 0 <= args.caption_metadata_p <= 1:
         raise SystemExit(f"--caption-metadata-p must be in [0, 1], got {args.caption_metadata_p}")
+    if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
+        raise SystemExit(f"--stop-after must be between 1 and --steps ({args.steps}), got {args.stop_after}")
     if args.lr is not None and not args.lr > 0:
         raise SystemExit(f"--lr must be positive, got {args.lr}")
     if args.warmup is not None and args.warmup < 0:
@@ -243,7 +245,8 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
                       conditioner=None if args.conditioner == "none" else args.conditioner, steps=args.steps,
                       resume=not args.fresh, seed=args.seed, melody=args.melody, eval_tokens=args.eval_tokens,
                       sample_codec=args.sample_codec, init_from=args.init_from,
-                      max_seconds=args.max_minutes * 60 if args.max_minutes else None, **extra)
+                      max_seconds=args.max_minutes * 60 if args.max_minutes else None, stop_after=args.stop_after,
+                      **extra)
     print(json.dumps({k: v for k, v in result.items() if k not in ("model", "ema", "losses")}, indent=1, default=str))
     return 0
 
@@ -339,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add the clip's key and bpm to a caption that does not say them, each with this "
                          "probability (default 0: the captions as written)")
     tl.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
+    tl.add_argument("--stop-after", type=int, default=None,
+                    help="checkpoint and stop once this step is done, the schedule still planned for --steps "
+                         "(run again with a larger value, or without, to go on)")
     tl.add_argument("--init-from", default=None,
                     help="start a new run from the weights of an LM run folder or a model folder (fresh schedule)")
     tl.add_argument("--eval-tokens", default=None,

@@ -350,6 +350,13 @@ def test_melody_model_round_trips(tmp_path, tunes, melody_mode):
     assert (options["lr"], options["warmup"]) == (2e-3, 2)  # --lr / --warmup reach the recipe
     with pytest.raises(SystemExit, match="--lr must be positive"):
         main(["train", "lm", str(cache), str(tmp_path / "bad"), "--scale", "tiny", "--lr", "0"])
+    with pytest.raises(SystemExit, match="--stop-after must be between 1 and --steps"):
+        main(["train", "lm", str(cache), str(tmp_path / "bad"), "--scale", "tiny", "--steps", "4", "--stop-after", "5"])
+    if melody_mode == "add":  # --stop-after: checkpoint at that step, the 4-step schedule kept
+        assert main(["train", "lm", str(cache), str(tmp_path / "part"), "--scale", "tiny", "--lm", "tiny", "--steps", "4",
+                     "--stop-after", "2", "--melody", "--threads", "1", "--melody-mode", melody_mode]) == 0
+        part = json.loads((tmp_path / "part" / "checkpoint" / "config.json").read_text())["extra"]
+        assert part["step"] == 2 and part["options"]["melody_mode"] == "add"
     out = export_musicgen(run, tmp / "codec", tmp_path / "model", dtype=None)
     model = MusicGen.load(out)
     config = json.loads((out / "config.json").read_text())["config"]
