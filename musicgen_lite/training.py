@@ -973,7 +973,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     from tqdm.auto import tqdm
 
     t0, rows, losses = time.perf_counter(), [], []
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress or rank != 0, desc="lm")
+    end = steps if stop_after is None else min(steps, max(start, stop_after))  # a run already past stop_after: none
+    bar = tqdm(range(start, end), initial=start, total=steps, disable=not progress or rank != 0, desc="lm")
     step = start
     for step in bar:
         lr = lr_at(step, opts["lr"], opts["warmup"], steps, opts["schedule"])

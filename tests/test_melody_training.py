@@ -357,6 +357,10 @@ def test_melody_model_round_trips(tmp_path, tunes, melody_mode):
                      "--stop-after", "2", "--melody", "--threads", "1", "--melody-mode", melody_mode]) == 0
         part = json.loads((tmp_path / "part" / "checkpoint" / "config.json").read_text())["extra"]
         assert part["step"] == 2 and part["options"]["melody_mode"] == "add"
+        # asked again to stop at (or before) the step it holds: it trains no further
+        assert main(["train", "lm", str(cache), str(tmp_path / "part"), "--scale", "tiny", "--lm", "tiny", "--steps", "4",
+                     "--stop-after", "1", "--melody", "--threads", "1", "--melody-mode", melody_mode]) == 0
+        assert json.loads((tmp_path / "part" / "checkpoint" / "config.json").read_text())["extra"]["step"] == 2
     out = export_musicgen(run, tmp / "codec", tmp_path / "model", dtype=None)
     model = MusicGen.load(out)
     config = json.loads((out / "config.json").read_text())["config"]
