@@ -229,7 +229,7 @@ class MusicGen(nn.Module):
         if guided and not two_pass_cfg:
             cond, cond_mask = torch.cat([cond, null]), torch.cat([cond_mask, null_mask])
         rows = 2 * B if guided and not two_pass_cfg else B
-        P = cond.shape[1] if cond is not None and lm.config.condition_mode == "prepend" else 0  # prefix length
+        P = lm.prefix_length(cond)
         caches = [lm.new_cache(rows, P + S)] + ([lm.new_cache(B, P + S)] if guided and two_pass_cfg else [])
 
         def step(x: torch.Tensor) -> torch.Tensor:  # x: (B, K, s) new positions -> (B, K, bins) guided logits
@@ -280,9 +280,7 @@ class MusicGen(nn.Module):
             null, null_mask = null_cond if null_cond is not None else self.null_condition(cond, cond_mask)
             cond, cond_mask = torch.cat([cond, null]), torch.cat([cond_mask, null_mask])
         rows = 2 * B if guided else B
-        P = cond.shape[1] if cond is not None and lm.config.condition_mode == "prepend" else 0  # prefix length
-        if P and lm.config.melody_mode == "add":  # the chroma rows are added to the steps, not prepended
-            P -= lm.config.melody_rows
+        P = lm.prefix_length(cond)
         cache = lm.new_cache(rows, -(-(P + S) // 8) * 8)  # a multiple of 8: aligned rows for fused attention
         lm.positions(cache.max_len, device)  # the position table, before any capture
         sampler = sampling.NoiseSampler((B, K), lm.config.bins, temperature, top_k, top_p, generator, device)

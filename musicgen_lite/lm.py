@@ -468,6 +468,14 @@ class MusicLM(nn.Module):
         x = self.out_norm(x)
         return torch.stack([head(x[:, 0]) for head in self.heads], dim=1)  # (B, K, bins)
 
+    def prefix_length(self, cond: torch.Tensor | None) -> int:
+        """Positions that ``cond[B, L, D]`` takes before the first token: ``L`` in prepend mode
+        (less the ``melody_rows`` chroma rows that ``melody_mode="add"`` adds to the steps instead),
+        0 with cross-attention or no condition."""
+        if cond is None or self.config.condition_mode != "prepend":
+            return 0
+        return cond.shape[1] - (self.config.melody_rows if self.config.melody_mode == "add" else 0)
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` positions."""
         p = next(self.parameters())

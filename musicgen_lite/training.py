@@ -905,6 +905,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
                   cross_attention=conditioner is not None, **({"condition_mode": "prepend"} if melody else {}))
     if opts["melody_mode"] not in ("prefix", "add"):
         raise ValueError(f"melody_mode must be 'prefix' or 'add', got {opts['melody_mode']!r}")
+    if opts["melody_mode"] == "add" and not melody:
+        raise ValueError("melody_mode='add' reads a melody: train with melody=True (--melody)")
     if melody and opts["melody_mode"] == "add":  # chroma row i added to the token frames it covers
         cfg = replace(cfg, melody_mode="add", melody_rows=data.chroma_frames(segment_frames),
                       melody_ratio=fp["frame_rate"] / data.chroma_settings["frame_rate"])

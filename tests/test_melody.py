@@ -154,6 +154,7 @@ def test_frame_aligned_melody_adds_each_chroma_row_to_the_steps_it_describes():
                            melody_ratio=ratio)).eval()
     cond, seq = torch.randn(B, rows + L, 32), torch.randint(0, 17, (B, K, S))
     reads = melody_index(torch.arange(S), rows, ratio)  # [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert lm.prefix_length(cond) == L  # only the text is a prefix
     with torch.no_grad():
         full = lm(seq, cond)
         # by hand: the same weights as a plain prefix LM over the text, each step's input plus its chroma row

@@ -361,6 +361,8 @@ def test_melody_model_round_trips(tmp_path, tunes, melody_mode):
         assert main(["train", "lm", str(cache), str(tmp_path / "part"), "--scale", "tiny", "--lm", "tiny", "--steps", "4",
                      "--stop-after", "1", "--melody", "--threads", "1", "--melody-mode", melody_mode]) == 0
         assert json.loads((tmp_path / "part" / "checkpoint" / "config.json").read_text())["extra"]["step"] == 2
+        with pytest.raises(ValueError, match="melody_mode='add' reads a melody"):
+            train_lm(tmp_path / "no_melody", cache, scale="tiny", lm="tiny", steps=1, progress=False, melody_mode="add")
     out = export_musicgen(run, tmp / "codec", tmp_path / "model", dtype=None)
     model = MusicGen.load(out)
     config = json.loads((out / "config.json").read_text())["config"]
