@@ -99,7 +99,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluation import evaluate, format_table
+    from .evaluation import evaluate, format_table, portable_path
     from .generation import MusicGen
 
     torch.set_num_threads(args.threads)
@@ -114,7 +114,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         result = int8_report(model, captions=args.captions, n=args.n, duration=args.duration, seed=args.seed,
                              batch_size=args.batch_size, progress=not args.quiet, cfg_coef=args.cfg, top_k=args.top_k)
-        result["setup"]["model"] = str(args.model)
+        result["setup"]["model"] = portable_path(args.model)
         for name in ("fp32", "int8"):
             r = result[name]
             print(f"{name}: FAD {r['fad']:.3f}  KL {r['kl']:.3f}  CLAP {r['clap']:.3f}  attribute accuracy "
@@ -124,7 +124,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         result = evaluate(model, captions=args.captions, n=args.n, duration=args.duration, seed=args.seed,
                           melodies=args.melodies, batch_size=args.batch_size, progress=not args.quiet,
                           text_only=not args.no_text_only, cfg_coef=args.cfg, top_k=args.top_k)
-        result["setup"]["model"] = str(args.model)
+        result["setup"]["model"] = portable_path(args.model)
         print(format_table(result))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

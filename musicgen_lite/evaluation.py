@@ -74,6 +74,17 @@ def heldout_set(n: int, seconds: float, seed: int = HELDOUT_SEED, out_dir=None, 
                         melody_stems=True, progress=progress)
 
 
+def portable_path(path) -> str:
+    """``path`` as a result file should record it: relative to the working directory when it
+    lies under it (``data/cache/...``), else its last two parts. Results are committed and
+    shared, so they carry no machine's absolute paths."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return Path(*p.parts[-2:]).as_posix() if len(p.parts) >= 2 else p.as_posix()
+
+
 def _fit(wav: torch.Tensor, n: int) -> torch.Tensor:
     """Crop or zero-pad the last axis to ``n`` samples."""
     return wav[..., :n] if wav.shape[-1] >= n else torch.nn.functional.pad(wav, (0, n - wav.shape[-1]))
@@ -493,7 +504,7 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
                                           batch_size=batch_size)
     result["reference"] = reference
     result["setup"] = {
-        "n": n, "duration": float(duration), "seed": seed, "captions": str(folder),
+        "n": n, "duration": float(duration), "seed": seed, "captions": portable_path(folder),
         "heldout_seed": heldout_seed if captions is None else None, "eval_sample_rate": EVAL_RATE,
         "model_sample_rate": int(model.sample_rate), "batch_size": batch_size,
         "generate": {k: v for k, v in generate_kw.items() if k != "progress"},

@@ -213,6 +213,19 @@ def test_cli_evaluate_end_to_end_on_a_saved_tiny_model(tmp_path, heldout, capsys
     assert {"fad", "kl", "clap", "chroma_cosine", "attribute_accuracy", "reference"} <= set(r)
     assert r["setup"]["n"] == 2 and r["setup"]["generate"] == {"cfg_coef": 3.0, "top_k": 20}
     assert "FAD" in capsys.readouterr().out
+    # tmp_path lies outside the working directory: the result keeps only the folders' last parts
+    assert r["setup"]["captions"] == "/".join(heldout.parts[-2:]) and r["setup"]["model"] == f"{tmp_path.name}/model"
+
+
+def test_result_files_record_paths_without_the_machine(tmp_path, monkeypatch):
+    from musicgen_lite.evaluation import portable_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "cache" / "set").mkdir(parents=True)
+    assert portable_path(tmp_path / "data" / "cache" / "set") == "data/cache/set"  # under the working directory
+    assert portable_path("data/cache/set") == "data/cache/set"
+    assert portable_path("/elsewhere/deep/runs/model") == "runs/model"  # outside it: the last two parts
+    assert portable_path("model") == "model"
 
 
 def test_caption_gain_is_the_lm_loss_per_clip_and_zero_for_a_model_that_ignores_its_text(heldout):

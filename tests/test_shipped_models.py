@@ -93,3 +93,16 @@ def test_shipped_melody_model_fits_its_codec_follows_a_melody_and_its_card():
     result = json.loads((MELODY / "eval.json").read_text())
     card = (MELODY / "README.md").read_text()
     assert is_melody_result(result) and all(line in card for line in target_lines(result))
+
+
+def test_committed_results_and_cards_carry_no_machine_paths():
+    """Everything shipped under data/ that a person reads or a notebook loads (cards, results,
+    configs) names paths relative to the project, never this machine's."""
+    import re
+
+    pattern = re.compile(r"(/work/|/root/|/home/[^/\s\"]+/|/Users/[^/\s\"]+/|/tmp/|/content/)")
+    data = CHECKPOINTS.parent
+    files = [p for p in data.rglob("*") if p.suffix in (".json", ".md", ".txt") and "cache" not in p.parts]
+    assert len(files) >= 5  # cards and results are there to check
+    leaks = {str(p.relative_to(data)): m.group(0) for p in files for m in [pattern.search(p.read_text())] if m}
+    assert not leaks, f"machine paths in shipped files: {leaks}"
