@@ -157,7 +157,16 @@ def _cmd_export_lm(args: argparse.Namespace) -> int:
 
     if args.eval_json is not None and not Path(args.eval_json).is_file():
         raise SystemExit(f"--eval-json: no such file: {args.eval_json}")
-    out = export_musicgen(args.run, args.codec, args.out, use_ema=not args.no_ema)
+    cfg = args.cfg
+    if args.eval_json is not None:  # the model generates by default with the guidance it was measured with
+        import json
+
+        measured = ((json.loads(Path(args.eval_json).read_text()).get("setup") or {}).get("generate") or {}).get("cfg_coef")
+        if cfg is not None and measured is not None and float(measured) != cfg:
+            raise SystemExit(f"--cfg {cfg} but {args.eval_json} was measured with cfg_coef {measured}")
+        cfg = measured if cfg is None else cfg
+    out = export_musicgen(args.run, args.codec, args.out, use_ema=not args.no_ema,
+                          cfg_coef=3.0 if cfg is None else float(cfg))
     card = write_lm_card(out, args.run, args.eval_json, command=args.command or "")
     print(f"wrote {out} (model card: {card})")
     return 0
@@ -383,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--melody", default=None, help="an audio file (wav/flac/mp3) whose melody to follow")
     g.add_argument("--duration", type=float, default=8.0, help="seconds of audio (default 8)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient (default 3)")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance coefficient (default: the model's own, 3 unless its card says)")
     g.add_argument("--top-k", type=int, default=250)
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--temperature", type=float, default=1.0)
@@ -404,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--captions", default=None,
                     help="dataset folder with captions + attributes (default: the synthetic held-out set, seed 999001)")
     ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient (default 3)")
+    ev.add_argument("--cfg", type=float, default=None,
+                    help="classifier-free guidance coefficient (default: the model's own, 3 unless its card says)")
     ev.add_argument("--top-k", type=int, default=250)
     ev.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -423,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("--eval-json", default=None,
                     help="a `musicgen-lite evaluate --json` result to put in the model card (metrics and targets)")
     el.add_argument("--command", default=None, help="the training command, quoted in the model card")
+    el.add_argument("--cfg", type=float, default=None,
+                    help="the guidance the model generates with by default (default: the one --eval-json used, else 3)")
     el.set_defaults(func=_cmd_export_lm)
 
     st = sub.add_parser("study", help="train and measure LM variants on the same tokens and budget: "

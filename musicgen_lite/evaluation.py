@@ -417,7 +417,7 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
     melody adds and what it costs (MusicGen-melody's comparison: the paper saw the objective
     metrics worsen slightly with the melody). ``tagger`` /
     ``clap``: the reference models (default: the shipped ones). ``generate_kw``: passed to
-    ``generate`` (``cfg_coef``, ``top_k``, ...).
+    ``generate`` (``cfg_coef``, ``top_k``, ...; ``cfg_coef`` None or left out: the model's own).
 
     Returns a JSON-ready dict: ``fad``, ``kl``, ``clap``, ``chroma_cosine`` (None without
     melodies), ``attribute_accuracy`` (None when the captions lack attributes), ``reference``
@@ -425,6 +425,8 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
     """
     from .metrics import load_clap, load_tagger
 
+    if generate_kw.get("cfg_coef") is None and hasattr(model, "cfg_coef"):  # the model's own guidance, recorded
+        generate_kw["cfg_coef"] = model.cfg_coef
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
         raise ValueError(f"n must be at least 2 clips (FAD fits a covariance), got {n!r}")
     if not isinstance(duration, (int, float)) or not math.isfinite(duration) or not 0.5 <= duration <= 600:

@@ -48,6 +48,9 @@ from .lm import MusicLM
 from .patterns import Pattern, get_pattern
 
 
+
+DEFAULT_CFG = 3.0  # classifier-free guidance when a model does not say otherwise (MusicGen's default)
+
 class MusicGen(nn.Module):
     """Text-to-music: ``generate(descriptions, duration) -> wav[B, 1, N]`` at ``sample_rate``.
 
@@ -56,7 +59,8 @@ class MusicGen(nn.Module):
     """
 
     def __init__(self, codec, lm: MusicLM, conditioner=None, pattern: Pattern | str = "delay",
-                 max_duration: float = 30.0, extend_stride: float = 18.0, melody_conditioner=None):
+                 max_duration: float = 30.0, extend_stride: float = 18.0, melody_conditioner=None,
+                 cfg_coef: float = DEFAULT_CFG):
         super().__init__()
         if melody_conditioner is not None and lm.config.condition_mode != "prepend":
             raise ValueError("a melody_conditioner needs an LM with condition_mode='prepend' "
@@ -75,6 +79,11 @@ class MusicGen(nn.Module):
         self.codec, self.lm, self.conditioner = codec, lm, conditioner
         self.pattern = get_pattern(pattern, lm.config.num_codebooks) if isinstance(pattern, str) else pattern
         self.max_duration, self.extend_stride = max_duration, extend_stride
+        if not cfg_coef >= 1.0:
+            raise ValueError(f"cfg_coef must be >= 1 (1 = no guidance), got {cfg_coef}")
+        # the guidance this model was measured with: what generate() uses when not told (as
+        # transformers keeps guidance_scale in a model's generation config); saved with the model
+        self.cfg_coef = float(cfg_coef)
 
     @property
     def sample_rate(self) -> int:
@@ -317,7 +326,7 @@ class MusicGen(nn.Module):
 
     @torch.no_grad()
     def generate_codes(self, descriptions=None, duration: float = 10.0, prompt_codes: torch.Tensor | None = None,
-                       cfg_coef: float = 3.0, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0,
+                       cfg_coef: float | None = None, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0,
                        seed: int | None = None, num_samples: int | None = None, two_pass_cfg: bool = False,
                        progress: bool = True, melody=None, melody_sample_rate: int | None = None,
                        fast: bool = False, cuda_graph: bool | None = None) -> torch.Tensor:
@@ -330,8 +339,11 @@ class MusicGen(nn.Module):
         reads the (looping) melody from the time it starts. See :meth:`generate_with_chroma`.
         ``fast``: the static-shape loop (one CFG batch, sampling on the device, a CUDA graph on
         a GPU: ``cuda_graph=None`` decides by the device); greedy gives the same tokens as the
-        plain loop, sampling other draws from the same distribution.
+        plain loop, sampling other draws from the same distribution. ``cfg_coef`` None: the
+        model's own (:attr:`cfg_coef`, 3 unless its folder says otherwise).
         """
+        if cfg_coef is None:
+            cfg_coef = self.cfg_coef
         if fast and two_pass_cfg:
             raise ValueError("fast=True runs guidance as one batch of 2B rows; pass two_pass_cfg=False")
         if descriptions is None:
@@ -389,11 +401,11 @@ class MusicGen(nn.Module):
         return codes
 
     @torch.no_grad()
-    def generate(self, descriptions=None, duration: float = 10.0, cfg_coef: float = 3.0, top_k: int = 250,
+    def generate(self, descriptions=None, duration: float = 10.0, cfg_coef: float | None = None, top_k: int = 250,
                  top_p: float = 0.0, temperature: float = 1.0, seed: int | None = None, **kw) -> torch.Tensor:
         """``descriptions`` -> ``wav[B, 1, N]`` of ``duration`` seconds at :attr:`sample_rate`.
 
-        ``cfg_coef``: classifier-free guidance (1 = none); ``top_k`` / ``top_p`` /
+        ``cfg_coef``: classifier-free guidance (1 = none; None: the model's own :attr:`cfg_coef`); ``top_k`` / ``top_p`` /
         ``temperature``: sampling (``top_k=1`` or ``temperature=0``: greedy); ``seed``: the
         same seed gives the same audio. More options: :meth:`generate_codes`.
         """
@@ -433,7 +445,7 @@ class MusicGen(nn.Module):
 
     @torch.no_grad()
     def generate_with_chroma(self, descriptions, melody_wavs, melody_sample_rate: int | None = None,
-                             duration: float = 10.0, cfg_coef: float = 3.0, top_k: int = 250, top_p: float = 0.0,
+                             duration: float = 10.0, cfg_coef: float | None = None, top_k: int = 250, top_p: float = 0.0,
                              temperature: float = 1.0, seed: int | None = None, **kw) -> torch.Tensor:
         """Text + melody -> ``wav[B, 1, N]``: music that follows ``melody_wavs``' chromagram.
 
@@ -529,6 +541,12 @@ class TransformersCodec(nn.Module):
         return self.model.decode(codes.unsqueeze(0), [None] * codes.shape[0]).audio_values
 
 
+def _guidance_scale(hf) -> float:
+    """The guidance a transformers MusicGen's generation config asks for (3 for Meta's), else 3."""
+    scale = getattr(getattr(hf, "generation_config", None), "guidance_scale", None)
+    return float(scale) if scale is not None and scale >= 1 else DEFAULT_CFG
+
+
 def from_transformers_musicgen(hf, tokenizer=None, max_duration: float = 30.0,
                                extend_stride: float = 18.0) -> MusicGen:
     """A :class:`MusicGen` from transformers' ``MusicgenForConditionalGeneration``.
@@ -560,7 +578,7 @@ def from_transformers_musicgen(hf, tokenizer=None, max_duration: float = 30.0,
             conditioner.proj.weight.copy_(hf.enc_to_dec_proj.weight)
             conditioner.proj.bias.copy_(hf.enc_to_dec_proj.bias)
     codec = TransformersCodec(copy.deepcopy(hf.audio_encoder))
-    return MusicGen(codec, lm, conditioner, "delay", max_duration, extend_stride).eval()
+    return MusicGen(codec, lm, conditioner, "delay", max_duration, extend_stride, cfg_coef=_guidance_scale(hf)).eval()
 
 
 def from_transformers_musicgen_melody(hf, tokenizer=None, radix2_exp: int = 14, max_duration: float = 30.0,
@@ -605,7 +623,7 @@ def from_transformers_musicgen_melody(hf, tokenizer=None, radix2_exp: int = 14, 
             melody.proj.weight.copy_(torch.eye(dim))
             melody.proj.bias.zero_()
     return MusicGen(codec, lm, conditioner, "delay", max_duration, extend_stride,
-                    melody_conditioner=melody).eval()
+                    melody_conditioner=melody, cfg_coef=_guidance_scale(hf)).eval()
 
 
 class _MissingTokenizer:

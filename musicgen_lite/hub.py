@@ -268,7 +268,8 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
         state.update({f"melody_conditioner.{k}": v for k, v in melody.named_parameters()})
     config = {"format": MUSICGEN_FORMAT, "lm": model.lm.config.to_dict(), "pattern": model.pattern.name,
               "conditioner": conditioner, "max_duration": model.max_duration, "extend_stride": model.extend_stride,
-              "melody": melody_spec(melody) if melody is not None else None}
+              "melody": melody_spec(melody) if melody is not None else None,
+              "cfg_coef": float(getattr(model, "cfg_coef", 3.0))}
     return save_checkpoint(path, state, config, extra, dtype=dtype)
 
 
@@ -317,7 +318,8 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
             raise ValueError(f"{path}: melody conditioner weights do not match (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
     model = MusicGen(codec, lm, conditioner, config.get("pattern", "delay"), config.get("max_duration", 30.0),
-                     config.get("extend_stride", 18.0), melody_conditioner=melody)
+                     config.get("extend_stride", 18.0), melody_conditioner=melody,
+                     cfg_coef=config.get("cfg_coef", 3.0))
     return model.to(device).eval()
 
 

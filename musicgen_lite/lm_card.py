@@ -218,6 +218,8 @@ def write_lm_card(model_dir, run_dir, evaluation: dict | str | Path | None = Non
         "steps": f"{step}" + (f" ({_hours(step * batch * seg)} of audio seen)" if batch and seg else ""),
         "wall time": f"{log_wall_seconds(rows) / 3600:.1f} h on the 2-core CI machine (CPU)" if rows else "-",
         "weights": f"{'EMA' if info.get('weights') == 'ema' else 'the raw (non-EMA)'} weights, stored in {_stored_dtype(model_dir)}",
+        "guidance": (f"classifier-free guidance {model.cfg_coef:g} unless told otherwise (`cfg_coef` in "
+                     "`config.json`; `generate(..., cfg_coef=...)` and `--cfg` override it)"),
         "command": f"`{command}`" if command else "-",
     }
     lines = [f"# {title}", ""] + [f"- **{k}**: {v}" for k, v in facts.items()] + [""]

@@ -42,6 +42,18 @@ def hf_musicgen():
     return make_tiny_hf_musicgen(CAPTIONS, V, K)
 
 
+def test_a_ported_model_guides_as_its_generation_config_says(hf_musicgen):
+    hf, tok = hf_musicgen
+    before = hf.generation_config.guidance_scale
+    try:
+        hf.generation_config.guidance_scale = 4.5
+        assert from_transformers_musicgen(hf, tokenizer=tok).cfg_coef == 4.5
+        hf.generation_config.guidance_scale = None  # not set: MusicGen's 3
+        assert from_transformers_musicgen(hf, tokenizer=tok).cfg_coef == 3.0
+    finally:
+        hf.generation_config.guidance_scale = before
+
+
 def test_greedy_tokens_and_audio_equal_transformers_generate(hf_musicgen):
     hf, tok = hf_musicgen
     ours = from_transformers_musicgen(hf, tokenizer=tok)

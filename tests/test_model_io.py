@@ -206,3 +206,53 @@ def test_melody_model_card_holds_the_melody_to_twice_text_only(lm_run, tmp_path)
     assert "All targets met: **yes**" in card  # attribute targets are the text model's, not the melody model's
     assert melody_ratio(_melody_result(0.3, 0.2)) == pytest.approx(1.5) and not targets_met(_melody_result(0.3, 0.2))
     assert melody_ratio(_melody_result(0.3, 0.0)) is None and not targets_met(_melody_result(0.3, 0.0))
+
+
+def test_a_model_generates_with_the_guidance_it_was_measured_with(lm_run, tmp_path, monkeypatch):
+    """export takes the guidance from the evaluation it cards; the folder keeps it; generate and
+    evaluate use it unless told otherwise (as transformers keeps guidance_scale per model)."""
+    from musicgen_lite.evaluation import evaluate
+    from musicgen_lite.generation import MusicGen
+
+    tmp, _ = lm_run
+    result = _result({"family": 0.8, "drums": 0.8, "mode": 0.5, "tempo_bpm": 0.3})
+    result["setup"]["generate"] = {"cfg_coef": 5.0, "top_k": 250}
+    (tmp_path / "eval.json").write_text(json.dumps(result))
+    out = tmp_path / "model"
+    assert main(["export", "lm", str(tmp / "run"), "--codec", str(tmp / "codec"), "--out", str(out),
+                 "--eval-json", str(tmp_path / "eval.json")]) == 0
+    model = MusicGen.load(out)
+    assert model.cfg_coef == 5.0 and json.loads((out / "config.json").read_text())["config"]["cfg_coef"] == 5.0
+    assert "classifier-free guidance 5 unless told otherwise" in (out / "README.md").read_text()
+    from musicgen_lite import sampling
+
+    coefs, guide = [], sampling.cfg_from_batch
+    monkeypatch.setattr(sampling, "cfg_from_batch", lambda logits, coef: coefs.append(coef) or guide(logits, coef))
+    text = ["a calm piano piece"]
+    default = model.generate(text, duration=0.3, seed=3, progress=False)
+    assert set(coefs) == {5.0}
+    assert torch.equal(default, model.generate(text, duration=0.3, seed=3, progress=False, cfg_coef=5.0))
+    coefs.clear()
+    model.generate(text, duration=0.3, seed=3, progress=False, cfg_coef=3.0, fast=True)
+    assert set(coefs) == {3.0}
+    # a model without a stored value (older folders) guides with MusicGen's 3
+    assert MusicGen(model.codec, model.lm, model.conditioner).cfg_coef == 3.0
+    with pytest.raises(ValueError, match="cfg_coef must be >= 1"):
+        MusicGen(model.codec, model.lm, model.conditioner, cfg_coef=0.5)
+    # the CLI's --cfg must agree with the evaluation it cards
+    with pytest.raises(SystemExit, match="measured with cfg_coef 5.0"):
+        main(["export", "lm", str(tmp / "run"), "--codec", str(tmp / "codec"), "--out", str(tmp_path / "m2"),
+              "--eval-json", str(tmp_path / "eval.json"), "--cfg", "3"])
+    # evaluate records the guidance it used: the model's own when not told
+    seen = []
+
+    class Spy:
+        sample_rate, cfg_coef = model.sample_rate, 5.0
+
+        def generate(self, descriptions, duration, seed=None, **kw):
+            seen.append(kw.get("cfg_coef"))
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        evaluate(Spy(), captions=tmp / "data", n=2, duration=1.0, progress=False)
+    assert seen == [5.0]
