@@ -106,6 +106,39 @@ def test_kv_cache_decoding_equals_full_forward(hf_and_ours):
         lm(seq[..., :6], cache=cache)
 
 
+def test_bf16_decoding_with_packed_weights_equals_the_plain_matmul():
+    """bf16 decoding on a CPU multiplies by weights packed once in oneDNN's layout; the logits
+    equal the plain ``F.linear`` ones, and a weight change repacks (no stale copy)."""
+    from musicgen_lite.lm import Linear
+
+    torch.manual_seed(0)
+    lm = MusicLM(lm_config("tiny")).eval().to(torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(0, lm.config.bins, (2, lm.config.num_codebooks, 5), generator=g)
+    cond = torch.randn(2, 3, lm.config.dim, generator=g).to(torch.bfloat16)
+
+    def decode():
+        cache = lm.new_cache(2, 8)
+        return torch.cat([lm(seq[..., :1], cond, cache=cache)] + [lm(seq[..., s:s + 1], cache=cache)
+                                                                  for s in range(1, 5)], dim=2)
+
+    with torch.no_grad():  # packed path (no gradient, a few rows)
+        packed = decode()
+    linears = [m for m in lm.modules() if isinstance(m, Linear)]
+    if all(m.__dict__.get("_packed", (None, None))[1] is None for m in linears):
+        pytest.skip("this PyTorch build cannot pack bf16 weights for oneDNN")
+    with torch.enable_grad():  # F.linear path
+        plain = decode().detach()
+    torch.testing.assert_close(packed.float(), plain.float(), rtol=0, atol=0)
+    with torch.no_grad():
+        lm.heads[0].weight.mul_(-1)  # in place: same storage, new version
+        flipped = decode()
+    with torch.enable_grad():
+        expected = decode().detach()
+    torch.testing.assert_close(flipped.float(), expected.float(), rtol=0, atol=0)
+    assert not torch.equal(flipped, packed)
+
+
 def test_kv_cache_matches_transformers_cache(hf_and_ours):
     """Step-by-step with transformers' own cache vs ours: the same last-position logits."""
     hf, lm = hf_and_ours
