@@ -53,6 +53,7 @@ def test_shipped_model_fits_its_codec_and_its_card():
     card = (MODEL / "README.md").read_text()
     assert all(line in card for line in target_lines(result))  # the card says what its eval.json measured
     assert f"| FAD (lower better) | {result['fad']['value']:.3f} |" in card
+    assert model.cfg_coef == result["setup"]["generate"]["cfg_coef"]  # it generates as it was measured
     from musicgen_lite.lm_card import caption_gain_line
 
     assert caption_gain_line(result) is None or caption_gain_line(result) in card
@@ -93,6 +94,7 @@ def test_shipped_melody_model_fits_its_codec_follows_a_melody_and_its_card():
     result = json.loads((MELODY / "eval.json").read_text())
     card = (MELODY / "README.md").read_text()
     assert is_melody_result(result) and all(line in card for line in target_lines(result))
+    assert model.cfg_coef == result["setup"]["generate"]["cfg_coef"]  # it generates as it was measured
 
 
 def test_committed_results_and_cards_carry_no_machine_paths():

@@ -132,3 +132,19 @@ def test_shipped_melody_comparison_holds_every_metric_for_both_systems():
     assert result["setup"]["n"] == 100 and "about" in result
     table = format_table(result)
     assert "text-only" in table and "chroma cosine" in table
+
+
+def test_shipped_int8_comparison_is_whole_and_consistent():
+    """data/results/int8.json (`musicgen-lite evaluate --int8` on the shipped default): both
+    systems scored on the same captions, int8 weights well under half the fp32 bytes."""
+    path = RESULTS / "int8.json"
+    if not path.is_file():
+        pytest.skip("no int8 comparison shipped")
+    r = json.loads(path.read_text())
+    for name in ("fp32", "int8"):
+        assert {"fad", "kl", "clap", "attribute_accuracy", "seconds", "weight_bytes"} <= set(r[name])
+        assert all(math.isfinite(r[name][k]) for k in ("fad", "kl", "clap", "seconds"))
+    assert r["int8"]["weight_bytes"] < 0.5 * r["fp32"]["weight_bytes"]
+    assert 0.0 <= r["token_agreement"] <= 1.0
+    assert r["speedup"] == pytest.approx(r["fp32"]["seconds"] / r["int8"]["seconds"])
+    assert r["setup"]["model"] == "data/checkpoints/musicgen_lite" and r["setup"]["n"] == 100
