@@ -148,3 +148,16 @@ def test_shipped_int8_comparison_is_whole_and_consistent():
     assert 0.0 <= r["token_agreement"] <= 1.0
     assert r["speedup"] == pytest.approx(r["fp32"]["seconds"] / r["int8"]["seconds"])
     assert r["setup"]["model"] == "data/checkpoints/musicgen_lite" and r["setup"]["n"] == 100
+
+
+def test_shipped_text_only_default_on_the_melody_set_matches_the_readme():
+    """The separately trained text-only model on the melody model's 100 held-out captions: the
+    paper's comparison, whose numbers the README quotes."""
+    path = RESULTS / "default_on_melody_heldout.json"
+    if not path.is_file():
+        pytest.skip("no text-only comparison shipped")
+    r = json.loads(path.read_text())
+    assert r["setup"]["model"] == "data/checkpoints/musicgen_lite" and r["setup"]["n"] == 100
+    assert r["setup"]["captions"] == "data/cache/melody_heldout"
+    readme = " ".join((RESULTS.parents[1] / "README.md").read_text().split())
+    assert f"FAD {r['fad']['value']:.2f}, KL {r['kl']['kl_ref_gen']:.3f}, CLAP {r['clap']['value']:.3f}" in readme
