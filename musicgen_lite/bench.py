@@ -280,9 +280,12 @@ def _lm_models(size: str):
     return from_transformers_decoder(hf), hf
 
 
-def _lm_decoders(ours, hf, steps: int, L: int = 12):
+def _lm_decoders(ours, hf, steps: int, L: int = 12, context: int = 0):
     """``run()`` for each model: a one-position prefill with the condition, then ``steps`` cached
     decoding steps, CFG batch 2 (condition + null), guided logits -> top-k 250 sample -> next input.
+    ``context`` > 0: the condition and ``context`` random tokens are prefilled once, untimed, and
+    every ``run()`` decodes ``steps`` steps after them (the cache cut back to ``context`` first):
+    decoding deep into a clip, where attention reads ``context`` cached positions per layer.
     Also the weight bytes one decoding step reads (all but the embedding tables and the
     cross-attention key/value projections, which run once per generation)."""
     from .sampling import cfg_from_batch, sample_next
@@ -296,22 +299,45 @@ def _lm_decoders(ours, hf, steps: int, L: int = 12):
     def pick(logits):  # (2, K, bins) -> (1, K)
         return sample_next(cfg_from_batch(logits.float(), 3.0), top_k=250, generator=g)
 
-    def run_ours():
-        cache = ours.new_cache(2, steps + 1)
-        x = torch.full((1, K, 1), special)
-        for s in range(steps + 1):
-            first = s == 0
-            logits = ours(x.repeat(2, 1, 1), cond if first else None, mask if first else None, cache=cache,
-                          last_only=True)[:, :, -1]
-            x = pick(logits).unsqueeze(-1)
+    def hf_step(ids, past):
+        out = hf(input_ids=ids.repeat(2, 1, 1).reshape(2 * K, ids.shape[-1]), encoder_hidden_states=cond,
+                 encoder_attention_mask=mask, cache=past, use_cache=True)
+        return out.logits.reshape(2, K, -1, out.logits.shape[-1])[:, :, -1], (
+            out.cache if hasattr(out, "cache") else out.past_key_values)
 
-    def run_hf():
-        past, x = None, torch.full((1, K, 1), special)
-        for _ in range(steps + 1):
-            out = hf(input_ids=x.repeat(2, 1, 1).reshape(2 * K, 1), encoder_hidden_states=cond,
-                     encoder_attention_mask=mask, cache=past, use_cache=True)
-            past = out.cache if hasattr(out, "cache") else out.past_key_values
-            x = pick(out.logits.reshape(2, K, -1)).unsqueeze(-1)
+    if context:
+        seq = torch.randint(0, c.bins, (1, K, context), generator=g)
+        cache = ours.new_cache(2, context + steps)
+        ours(seq.repeat(2, 1, 1), cond, mask, cache=cache, last_only=True)
+        past = hf_step(seq, None)[1]
+
+        def run_ours():
+            cache.pos, x = context, seq[..., -1:]
+            for _ in range(steps):
+                x = pick(ours(x.repeat(2, 1, 1), cache=cache, last_only=True)[:, :, -1]).unsqueeze(-1)
+
+        def run_hf():
+            extra = past.get_seq_length() - context
+            if extra > 0:  # transformers >= 5 crops by a negative count: the tokens to drop
+                past.crop(-extra)
+            x = seq[..., -1:]
+            for _ in range(steps):
+                x = pick(hf_step(x, past)[0]).unsqueeze(-1)
+    else:
+        def run_ours():
+            cache = ours.new_cache(2, steps + 1)
+            x = torch.full((1, K, 1), special)
+            for s in range(steps + 1):
+                first = s == 0
+                logits = ours(x.repeat(2, 1, 1), cond if first else None, mask if first else None, cache=cache,
+                              last_only=True)[:, :, -1]
+                x = pick(logits).unsqueeze(-1)
+
+        def run_hf():
+            past, x = None, torch.full((1, K, 1), special)
+            for _ in range(steps + 1):
+                logits, past = hf_step(x, past)
+                x = pick(logits).unsqueeze(-1)
 
     per_step = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("emb.") and ".cross.kv." not in n)
     return run_ours, run_hf, per_step * torch.finfo(dtype).bits // 8
@@ -380,6 +406,15 @@ def bench_lm(args=None) -> list[dict]:
                     roof = _matvec_bandwidth() / step_bytes
                     rows.append(row("lm", f"{size} {name} roofline, {step_bytes / 1e6:.0f} MB/step", ours_sps, roof,
                                     "matvec bandwidth / weight bytes", "steps/s"))
+                    # deep into a clip: 8 steps after 10 s (500 positions) of cached context
+                    run_ours, run_hf, _ = _lm_decoders(ours, hf, 8, context=500)
+                    t_ours, t_hf = [], []
+                    for _ in range(4):
+                        t_ours.append(median_seconds(run_ours, repeats=1, warmup=0))
+                        t_hf.append(median_seconds(run_hf, repeats=1, warmup=0))
+                    rows.append(row("lm", f"{size} {name} decode after 10 s of context (500 cached positions)",
+                                    8 / statistics.median(t_ours[1:]), 8 / statistics.median(t_hf[1:]),
+                                    "transformers MusicgenForCausalLM", "steps/s"))
         del ours, hf
     return rows
 

@@ -247,6 +247,28 @@ def _cross_mask(cond_mask: torch.Tensor | None, B: int, L: int):
     return valid.view(B, 1, 1, L), has_any.view(B, 1, 1)
 
 
+def attention(q, k, v, mask=None, causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, except for one query row in bf16 / fp16 on a CPU
+    against 32 keys or more (a decoding step): there it is computed in fp32, two matrix
+    products and a softmax.
+
+    PyTorch's CPU kernel for that case grows far faster with the keys than the work does:
+    one step of 2 x 16 heads x 64 dims in bf16 took 445 us against 136 this way at 250 keys,
+    and 1,780 against 408 at 1,000 (2 threads): at 30 s of context the kernel's attention would
+    cost more than the weights. Upcast, the result is as close to exact attention as the
+    kernel's (max error 9.6e-4 against 9.9e-4 at 250 keys). fp32 inputs are left to the
+    kernel (as fast or faster).
+    ``mask``: bool, True where a key may be seen (broadcast like SDPA's).
+    """
+    if (q.shape[-2] == 1 and k.shape[-2] >= 32 and not causal and dropout_p == 0.0 and q.device.type == "cpu"
+            and q.dtype in (torch.bfloat16, torch.float16)):
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (..., 1, L)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
+
+
 class SelfAttention(nn.Module):
     """Causal multi-head self-attention; q, k, v from one fused projection."""
 
@@ -279,8 +301,7 @@ class SelfAttention(nn.Module):
             elif p > 0:  # a block after a prefix: position i sees the prefix and block[:i+1]
                 causal = False
                 mask = torch.ones(S, p + S, dtype=torch.bool, device=x.device).tril(diagonal=p)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, causal, self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -303,8 +324,7 @@ class CrossAttention(nn.Module):
     def forward(self, x, k, v, mask=None, gate=None) -> torch.Tensor:
         B, S, D = x.shape
         q = self.q(x).view(B, S, self.H, D // self.H).transpose(1, 2)  # (B, H, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, False, self.dropout if self.training else 0.0)
         y = self.proj(y.transpose(1, 2).reshape(B, S, D))  # (B, S, D)
         return y if gate is None else y * gate.to(y.dtype)
 

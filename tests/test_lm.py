@@ -139,6 +139,32 @@ def test_bf16_decoding_with_packed_weights_equals_the_plain_matmul():
     assert not torch.equal(flipped, packed)
 
 
+def test_decoding_attention_in_bf16_agrees_with_the_kernel_and_exact_elsewhere():
+    """One query row in bf16 against 32+ keys is computed in fp32; it agrees with the exact
+    attention (fp32 from the same bf16 numbers) as closely as the kernel does."""
+    from musicgen_lite.lm import attention
+
+    g = torch.Generator().manual_seed(4)
+    for L in (32, 300):
+        q, k, v = (torch.randn(2, 4, n, 32, generator=g).to(torch.bfloat16) for n in (1, L, L))
+        mask = torch.rand(2, 1, 1, L, generator=g) > 0.3
+        mask[..., 0] = True
+        for m in (None, mask):
+            exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m)
+            kernel = F.scaled_dot_product_attention(q, k, v, attn_mask=m).float()
+            ours = attention(q, k, v, m).float()
+            assert ours.shape == exact.shape
+            assert (ours - exact).abs().max() <= 1.5 * (kernel - exact).abs().max() + 1e-6
+    # anything else is the kernel itself: fp32, fewer keys, several queries, causal
+    q, k, v = (torch.randn(2, 4, n, 32, generator=g) for n in (1, 64, 64))
+    assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    qb, kb, vb = q.bfloat16(), k[..., :16, :].bfloat16(), v[..., :16, :].bfloat16()
+    assert torch.equal(attention(qb, kb, vb), F.scaled_dot_product_attention(qb, kb, vb))
+    q3 = torch.randn(2, 4, 3, 32, generator=g).bfloat16()
+    assert torch.equal(attention(q3, k.bfloat16(), v.bfloat16()),
+                       F.scaled_dot_product_attention(q3, k.bfloat16(), v.bfloat16()))
+
+
 def test_kv_cache_matches_transformers_cache(hf_and_ours):
     """Step-by-step with transformers' own cache vs ours: the same last-position logits."""
     hf, lm = hf_and_ours
@@ -272,3 +298,17 @@ def test_cfg_formula_and_the_two_variants(hf_and_ours):
 def test_position_table_grows_and_matches_the_formula():
     lm = MusicLM(lm_config("tiny", bins=16))
     torch.testing.assert_close(lm.positions(3000, "cpu")[:3000], sinusoidal_positions(torch.arange(3000), 64))
+
+
+def test_bench_decoders_run_deep_into_a_clip_for_both_models():
+    """`bench lm`'s runners at a tiny size: the context variant prefills once, then every run
+    decodes after the same context (ours resets its position, transformers' cache is cut back)."""
+    from musicgen_lite.bench import _lm_decoders, _lm_models
+
+    ours, hf = _lm_models("tiny")
+    with torch.inference_mode():
+        for context in (0, 40):
+            run_ours, run_hf, step_bytes = _lm_decoders(ours, hf, 3, context=context)
+            for _ in range(2):
+                run_ours(), run_hf()
+            assert step_bytes > 0
