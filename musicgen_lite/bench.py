@@ -37,6 +37,17 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) 
     return statistics.median(times)
 
 
+def interleaved_seconds(a: Callable[[], object], b: Callable[[], object], rounds: int = 4,
+                        warmup: int = 1) -> tuple[float, float]:
+    """Median wall times of ``a()`` and ``b()`` timed in turn, ``rounds`` times each, the first
+    ``warmup`` pairs dropped: alternating, so that load changes on the machine hit both."""
+    t_a, t_b = [], []
+    for _ in range(rounds):
+        t_a.append(median_seconds(a, repeats=1, warmup=0))
+        t_b.append(median_seconds(b, repeats=1, warmup=0))
+    return statistics.median(t_a[warmup:]), statistics.median(t_b[warmup:])
+
+
 def row(bench: str, config: str, ours: float, peer: float | None, peer_name: str, unit: str) -> dict:
     return {"bench": bench, "config": config, "ours": round(ours, 3),
             "peer": None if peer is None else round(peer, 3), "peer_name": peer_name, "unit": unit,
@@ -254,11 +265,7 @@ def bench_codec(args=None) -> list[dict]:
     if agree < 0.999 or not torch.allclose(pa, oa, atol=1e-3, rtol=1e-3):
         raise RuntimeError(f"ours and transformers disagree: codes {agree:.2%} equal, "
                            f"audio max diff {(pa - oa).abs().max().item():.2e}")
-    t_ours, t_peer = [], []
-    for _ in range(5):  # alternate, so load changes hit both
-        t_ours.append(median_seconds(mine, repeats=1, warmup=0))
-        t_peer.append(median_seconds(peer, repeats=1, warmup=0))
-    t_ours, t_peer = statistics.median(t_ours), statistics.median(t_peer)
+    t_ours, t_peer = interleaved_seconds(mine, peer, rounds=5, warmup=0)  # the check above warmed both
     cfg = f"32 kHz, 64 filters, ratios 8-5-4-4, 4x2048, {seconds:g} s, B1 fp32"
     return [row("codec", f"encode+decode {cfg}", seconds / t_ours, seconds / t_peer,
                 "transformers EncodecModel", "x realtime")]
@@ -383,38 +390,26 @@ def bench_lm(args=None) -> list[dict]:
             ours, hf = ours.to(dtype), hf.to(dtype)  # outside inference_mode: ordinary tensors, as a user's
             with torch.inference_mode():
                 run_ours, run_hf, step_bytes = _lm_decoders(ours, hf, steps)
-                t_ours, t_hf = [], []
-                for _ in range(4):  # interleaved, so that both see the same machine load; first = warm-up
-                    t_ours.append(median_seconds(run_ours, repeats=1, warmup=0))
-                    t_hf.append(median_seconds(run_hf, repeats=1, warmup=0))
+                t_ours, t_hf = interleaved_seconds(run_ours, run_hf)
                 name = "fp32" if dtype == torch.float32 else "bf16"
-                ours_sps = (steps + 1) / statistics.median(t_ours[1:])
-                hf_sps = (steps + 1) / statistics.median(t_hf[1:])
+                ours_sps, hf_sps = (steps + 1) / t_ours, (steps + 1) / t_hf
                 rows.append(row("lm", f"{size} {name} decode, CFG B1 (2 rows)", ours_sps, hf_sps,
                                 "transformers MusicgenForCausalLM", "steps/s"))
                 if dtype == torch.float32:  # int8 weights (dynamic quantisation), against transformers in fp32
                     from .int8 import quantize_int8
 
                     run_q, run_hf32, _ = _lm_decoders(quantize_int8(ours), hf, steps)
-                    t_q, t_hf = [], []
-                    for _ in range(4):
-                        t_q.append(median_seconds(run_q, repeats=1, warmup=0))
-                        t_hf.append(median_seconds(run_hf32, repeats=1, warmup=0))
-                    rows.append(row("lm", f"{size} int8 decode, CFG B1 (2 rows)", (steps + 1) / statistics.median(t_q[1:]),
-                                    (steps + 1) / statistics.median(t_hf[1:]), "transformers fp32", "steps/s"))
+                    t_q, t_hf = interleaved_seconds(run_q, run_hf32)
+                    rows.append(row("lm", f"{size} int8 decode, CFG B1 (2 rows)", (steps + 1) / t_q,
+                                    (steps + 1) / t_hf, "transformers fp32", "steps/s"))
                 if size == "small":
                     roof = _matvec_bandwidth() / step_bytes
                     rows.append(row("lm", f"{size} {name} roofline, {step_bytes / 1e6:.0f} MB/step", ours_sps, roof,
                                     "matvec bandwidth / weight bytes", "steps/s"))
                     # deep into a clip: 8 steps after 10 s (500 positions) of cached context
-                    run_ours, run_hf, _ = _lm_decoders(ours, hf, 8, context=500)
-                    t_ours, t_hf = [], []
-                    for _ in range(4):
-                        t_ours.append(median_seconds(run_ours, repeats=1, warmup=0))
-                        t_hf.append(median_seconds(run_hf, repeats=1, warmup=0))
+                    t_ours, t_hf = interleaved_seconds(*_lm_decoders(ours, hf, 8, context=500)[:2])
                     rows.append(row("lm", f"{size} {name} decode after 10 s of context (500 cached positions)",
-                                    8 / statistics.median(t_ours[1:]), 8 / statistics.median(t_hf[1:]),
-                                    "transformers MusicgenForCausalLM", "steps/s"))
+                                    8 / t_ours, 8 / t_hf, "transformers MusicgenForCausalLM", "steps/s"))
         del ours, hf
     return rows
 
@@ -463,11 +458,8 @@ def bench_train(args=None) -> list[dict]:
                          encoder_attention_mask=mask, labels=seq.transpose(1, 2))
             out.loss.backward()
 
-        t_ours, t_hf = [], []
-        for _ in range(4):  # interleaved; the first pair is the warm-up
-            t_ours.append(median_seconds(run_ours, repeats=1, warmup=0))
-            t_hf.append(median_seconds(run_hf, repeats=1, warmup=0))
-        fps_ours, fps_hf = B * S / statistics.median(t_ours[1:]), B * S / statistics.median(t_hf[1:])
+        t_ours, t_hf = interleaved_seconds(run_ours, run_hf)
+        fps_ours, fps_hf = B * S / t_ours, B * S / t_hf
         name = "fp32" if dtype == torch.float32 else "bf16 autocast"
         rows.append(row("train", f"lite LM step (fwd + CE + bwd), B{B} x {S} frames, {name}", fps_ours, fps_hf,
                         "transformers MusicgenForCausalLM (labels)", "frames/s"))

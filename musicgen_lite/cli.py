@@ -166,7 +166,7 @@ def _cmd_export_lm(args: argparse.Namespace) -> int:
             raise SystemExit(f"--cfg {cfg} but {args.eval_json} was measured with cfg_coef {measured}")
         cfg = measured if cfg is None else cfg
     out = export_musicgen(args.run, args.codec, args.out, use_ema=not args.no_ema,
-                          cfg_coef=3.0 if cfg is None else float(cfg))
+                          cfg_coef=None if cfg is None else float(cfg))
     card = write_lm_card(out, args.run, args.eval_json, command=args.command or "")
     print(f"wrote {out} (model card: {card})")
     return 0

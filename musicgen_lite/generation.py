@@ -48,8 +48,8 @@ from .lm import MusicLM
 from .patterns import Pattern, get_pattern
 
 
-
 DEFAULT_CFG = 3.0  # classifier-free guidance when a model does not say otherwise (MusicGen's default)
+
 
 class MusicGen(nn.Module):
     """Text-to-music: ``generate(descriptions, duration) -> wav[B, 1, N]`` at ``sample_rate``.

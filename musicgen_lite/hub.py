@@ -269,7 +269,7 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
     config = {"format": MUSICGEN_FORMAT, "lm": model.lm.config.to_dict(), "pattern": model.pattern.name,
               "conditioner": conditioner, "max_duration": model.max_duration, "extend_stride": model.extend_stride,
               "melody": melody_spec(melody) if melody is not None else None,
-              "cfg_coef": float(getattr(model, "cfg_coef", 3.0))}
+              "cfg_coef": model.cfg_coef}
     return save_checkpoint(path, state, config, extra, dtype=dtype)
 
 
@@ -280,7 +280,7 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
     fp16 come back as fp32. The model is returned in eval mode.
     """
     from .conditioning import MelodyConditioner, get_conditioner
-    from .generation import MusicGen
+    from .generation import DEFAULT_CFG, MusicGen
     from .lm import LMConfig, MusicLM
 
     path = Path(path) if path is not None else default_model_path()
@@ -319,7 +319,7 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
                              f"unexpected {unexpected[:3]})")
     model = MusicGen(codec, lm, conditioner, config.get("pattern", "delay"), config.get("max_duration", 30.0),
                      config.get("extend_stride", 18.0), melody_conditioner=melody,
-                     cfg_coef=config.get("cfg_coef", 3.0))
+                     cfg_coef=config.get("cfg_coef", DEFAULT_CFG))
     return model.to(device).eval()
 
 

@@ -175,8 +175,7 @@ class Linear(nn.Linear):
         return cached[1]
 
     def __getstate__(self):  # copies and pickles leave the packed cache behind
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
+        state = dict(super().__getstate__())
         state.pop("_packed", None)
         return state
 

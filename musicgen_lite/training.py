@@ -521,7 +521,7 @@ def export_codec(run_dir, out_dir, dtype: torch.dtype | None = torch.float16, ex
 
 
 def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: torch.dtype | None = torch.float16,
-                    extra: dict | None = None, cfg_coef: float = 3.0) -> Path:
+                    extra: dict | None = None, cfg_coef: float | None = None) -> Path:
     """An LM run (:func:`train_lm`) and the codec its tokens came from -> a model folder.
 
     The folder is what :func:`musicgen_lite.hub.load_musicgen` and ``musicgen-lite generate``
@@ -533,11 +533,11 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
     (``max_duration``) is the training segment (``extend_stride`` 60% of it, MusicGen's 18 s of
     30 s), so that every generated window is as long as the chroma prefix the model learned.
     ``cfg_coef``: the guidance the model generates with when not told otherwise (stored in
-    its config; the one its evaluation used).
+    its config; the one its evaluation used; None: MusicGen's 3).
     """
     from .conditioning import MelodyConditioner, get_conditioner
     from .data.dataset import codec_fingerprint
-    from .generation import MusicGen
+    from .generation import DEFAULT_CFG, MusicGen
     from .hub import load_codec, save_musicgen
     from .lm import LMConfig, MusicLM
 
@@ -562,7 +562,7 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
         seconds = float(meta["options"]["segment_seconds"])
         window = {"max_duration": seconds, "extend_stride": 0.6 * seconds}
     model = MusicGen(codec, lm, conditioner, meta.get("pattern", "delay"), melody_conditioner=melody,
-                     cfg_coef=cfg_coef, **window)
+                     cfg_coef=DEFAULT_CFG if cfg_coef is None else cfg_coef, **window)
     info = {"step": meta.get("step"), "options": meta.get("options"), "tokens": meta.get("tokens"),
             "weights": "ema" if prefix == "model.ema." else "raw", **(extra or {})}
     return save_musicgen(model, out_dir, {"name": name, "kwargs": {}} if name else None, info, dtype=dtype)
