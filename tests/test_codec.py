@@ -134,6 +134,85 @@ def test_inference_folds_weight_norm_and_tracks_updates():
     assert torch.equal(model.encode(wav), codes)
 
 
+@pytest.mark.parametrize("act,causal,pad_mode", [("elu", False, "reflect"), ("elu", True, "constant"),
+                                                 ("snake", False, "reflect"), ("snake", True, "reflect")])
+@pytest.mark.parametrize("n", [1600, 37, 5])
+def test_fused_inference_path_matches_the_layer_by_layer_one(act, causal, pad_mode, n):
+    """At inference an activation is written into its conv's padded buffer, runs in place where
+    the loop owns the tensor, the skip is added in place and the transposed conv is one matmul:
+    the same numbers as applying the layers one by one (grad mode on: the training path), and
+    the caller's input is never modified."""
+    torch.manual_seed(0)
+    model = CompressionModel(codec_config("tiny", activation=act, causal=causal, pad_mode=pad_mode)).eval()
+    if act == "snake":  # away from the initial 1, so the frequency matters
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "alpha"):
+                    m.alpha.uniform_(0.5, 3.0)
+    wav = torch.randn(2, 1, n)
+    keep = wav.clone()
+    with torch.enable_grad():
+        lat_ref = model.encoder(wav)
+        out_ref = model.decoder(lat_ref.detach())
+    with torch.inference_mode():
+        lat = model.encoder(wav)
+        out = model.decoder(lat_ref.detach())
+    assert torch.equal(wav, keep)
+    torch.testing.assert_close(lat, lat_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out, out_ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act,causal", [("elu", False), ("snake", True)])
+def test_tiled_conv_stacks_match_one_pass(monkeypatch, act, causal):
+    """At inference the conv stacks run in tiles with a halo of real neighbours: the same
+    latents, codes and audio as one pass over the whole clip, whatever the tile size; a halo
+    of zero frames would not be (the check can fail)."""
+    import musicgen_lite.codec as codec_module
+
+    torch.manual_seed(0)
+    model = CompressionModel(codec_config("tiny", activation=act, causal=causal)).eval()
+    hop = model.hop_length
+    for n in (hop * 40, hop * 63 + 7, hop * 101 + 1):
+        wav = torch.randn(1, 1, n) * 0.1
+        monkeypatch.setattr(codec_module, "TILE_ACTIVATIONS", 10 ** 12)  # one pass
+        with torch.inference_mode():
+            whole = model.encoder(wav)
+            whole_codes = model.encode(wav)
+            whole_audio = model.decode(whole_codes)
+        for tile in (1, 4 * hop * model.config.n_filters * 3):
+            monkeypatch.setattr(codec_module, "TILE_ACTIVATIONS", tile)
+            step, halo = codec_module._tile_frames(model.config)
+            assert n > 2 * step * hop  # really tiled
+            with torch.inference_mode():
+                torch.testing.assert_close(model.encoder(wav), whole, atol=1e-6, rtol=1e-5)
+                assert torch.equal(model.encode(wav), whole_codes)
+                torch.testing.assert_close(model.decode(whole_codes), whole_audio, atol=1e-6, rtol=1e-5)
+    monkeypatch.setattr(codec_module, "_tile_frames", lambda cfg: (16, 0))
+    with torch.inference_mode():
+        assert (model.encoder(wav) - whole).abs().max() > 1e-4
+
+
+def test_activation_written_into_the_padded_buffer():
+    from musicgen_lite.codec import Snake1d, _act_pad1d, _pad1d
+
+    x = torch.randn(2, 3, 50)
+    snake = Snake1d(3)
+    with torch.no_grad():
+        snake.alpha.uniform_(0.5, 3.0)
+    for act in (torch.nn.ELU(), snake):
+        for mode in ("reflect", "constant"):
+            for left, right in ((3, 3), (4, 0), (0, 2), (0, 0), (60, 1)):
+                with torch.no_grad():
+                    fused = _act_pad1d(x, act, left, right, mode)
+                    reference = _pad1d(act(x), left, right, mode)
+                if isinstance(act, Snake1d):
+                    assert torch.equal(fused, reference), (mode, left, right)
+                else:  # ELU runs over the padded buffer: PyTorch's vectorised and scalar (tail)
+                    # expm1 may differ in the last bit, so the same up to one float32 ulp
+                    ulp = torch.finfo(torch.float32).eps * reference.abs().clamp_min(1e-30)
+                    assert ((fused - reference).abs() <= ulp).all(), (mode, left, right)
+
+
 def test_chunked_encode_decode_matches_whole():
     model = CompressionModel(codec_config("tiny", lstm_layers=0))  # convs only: finite receptive field
     wav = torch.randn(1, 1, 16_000 * 3, generator=torch.Generator().manual_seed(3)) * 0.3
