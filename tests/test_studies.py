@@ -118,6 +118,27 @@ def test_shipped_pattern_study_is_whole_and_its_steps_are_the_patterns_own():
     assert "--variants" not in table["setup"]["command"]  # the command that rebuilds the whole table
 
 
+def test_shipped_scaling_study_is_whole_and_its_conclusion_quotes_it():
+    """data/results/scaling.json (notebook 07, README): the three sizes on one budget, growing
+    LMs, finite metrics, and a conclusion whose numbers are the table's own."""
+    table = json.loads((RESULTS / "scaling.json").read_text())
+    rows = {r["name"]: r for r in table["rows"]}
+    assert list(rows) == [v["name"] for v in study_variants("scaling")] == ["S", "M", "L"]
+    assert not table.get("pending") and not table.get("skipped")
+    sizes = [rows[n]["lm_params_m"] for n in ("S", "M", "L")]
+    assert sizes == sorted(sizes) and sizes[2] > 2 * sizes[1]
+    for name, row in rows.items():
+        for key in ("val_loss", "fad", "kl", "clap", "attribute_accuracy", "gen_seconds_10s"):
+            assert math.isfinite(row[key]), (name, key)
+        assert 0 < row["val_loss"] < math.log(2048)  # below uniform guessing
+    conclusion = table["conclusion"]
+    for row in rows.values():
+        assert f"{row['val_loss']:.3f}" in conclusion and f"{row['fad']:.1f}" in conclusion
+    readme = " ".join((RESULTS.parents[1] / "README.md").read_text().split())
+    for row in rows.values():
+        assert f"{row['val_loss']:.3f}" in readme
+
+
 def test_shipped_melody_comparison_holds_every_metric_for_both_systems():
     """data/results/melody_eval.json (README, notebook 09): the melody model and the same model
     without its melody, each with FAD, KL, CLAP and chroma cosine, and the table renders."""
