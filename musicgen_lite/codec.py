@@ -17,7 +17,9 @@ Module and parameter names follow transformers' ``EncodecModel`` (``encoder.laye
 ``block``, ``shortcut``, ``lstm``), so porting real weights is a load by name (see
 :mod:`musicgen_lite.hub`). Convolutions carry weight norm (``g * v / |v|``) as a
 parametrization while training; at inference the product is folded into one weight, cached
-and recomputed only when the parameters change.
+and recomputed only when the parameters change. Inference also runs the conv stacks in tiles
+along time with a halo of real neighbours (the same numbers as one pass, a fraction of the
+memory traffic: see ``TILE_ACTIVATIONS``).
 
 Shapes: ``wav`` ``[B, C, N]`` samples, ``latents`` ``[B, D, T]`` frames, ``codes`` ``[B, K, T]``.
 """
