@@ -166,16 +166,14 @@ def _act_pad1d(x: torch.Tensor, act: nn.Module, left: int, right: int, mode: str
     PyTorch's scalar loop, slower than the copy it saves); it may differ from ``act(x)`` by one
     float32 ulp where PyTorch's vectorised and scalar ``expm1`` disagree."""
     B, C, N = x.shape
-    if (left == 0 and right == 0) or mode not in ("reflect", "constant") or N <= max(left, right):
+    if (not isinstance(act, (nn.ELU, Snake1d)) or (left == 0 and right == 0)  # zero padding: no copy to own
+            or mode not in ("reflect", "constant") or N <= max(left, right)):
         return _pad1d(act(x), left, right, mode)
     if isinstance(act, nn.ELU):  # pad, then ELU in place over the contiguous buffer (vectorised)
         return F.elu_(_pad1d(x, left, right, mode), act.alpha)
     out = x.new_empty(B, C, left + N + right)
     mid = out[..., left: left + N]
-    if isinstance(act, Snake1d):
-        torch.add(x, act.periodic(x), out=mid)
-    else:
-        mid.copy_(act(x))
+    torch.add(x, act.periodic(x), out=mid)
     if mode == "reflect":
         if left:
             out[..., :left] = mid[..., 1: left + 1].flip(-1)
@@ -289,7 +287,7 @@ class SConv1d(nn.Module):
         At inference the activation and the padding share one buffer (:func:`_act_pad1d`).
         """
         left, right = self.padding(x.shape[-1])
-        if self.training or torch.is_grad_enabled():
+        if not _inference(self):
             x = _pad1d(x if act is None else act(x), left, right, self.pad_mode)
             return F.conv1d(x, self.conv.weight, self.conv.bias, self.stride, 0, self.dilation)
         if act is None:
@@ -314,9 +312,10 @@ class SConvTranspose1d(nn.Module):
         self.trim = (padding_total - right, right)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T * stride)
-        weight = self.conv.weight if self.training or torch.is_grad_enabled() else _folded_weight(self.conv)
+        inference = _inference(self)
+        weight = _folded_weight(self.conv) if inference else self.conv.weight
         left, right = self.trim
-        if self.kernel_size == 2 * self.stride and _inference(self) and x.shape[-1] > 0:
+        if self.kernel_size == 2 * self.stride and inference and x.shape[-1] > 0:
             # kernel 2s / stride s is one matmul + an overlap-add of two halves; faster on CPU
             # than the generic transposed conv, and exact up to float rounding
             B, C, T = x.shape
@@ -396,13 +395,8 @@ class ResnetBlock(nn.Module):
         self.shortcut = nn.Identity() if true_skip else SConv1d(dim, dim, 1, causal=causal, pad_mode=pad_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _inference(self):
-            y = x
-            for layer in self.block:
-                y = layer(y)
-            return self.shortcut(x) + y
-        y = _run_layers(self.block, x)  # fresh: the skip is added in place
-        return y.add_(self.shortcut(x))
+        y = _run_layers(self.block, x)
+        return y.add_(self.shortcut(x)) if _inference(self) else self.shortcut(x) + y  # y is fresh
 
 
 class SEANetEncoder(nn.Module):
