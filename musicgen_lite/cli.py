@@ -276,6 +276,16 @@ def _cmd_study(args: argparse.Namespace) -> int:
                       progress=not args.quiet, command="musicgen-lite " + shlex.join(sys.argv[1:]), lm=args.lm,
                       **extra)
     print(format_study(table))
+    if args.ship:
+        if table.get("pending"):
+            print(f"not shipped: {', '.join(table['pending'])} not finished yet", file=sys.stderr)
+            return 1
+        from .studies import ship_study
+
+        report = ship_study(args.out, args.runs, args.ship, args.codec, args.heldout)
+        for r in report["rows"]:
+            print(f"{r['name']:14s} {r['bytes'] / 1e6:5.1f} MB (fp32 {r['fp32_bytes'] / 1e6:5.1f}): validation loss "
+                  f"{r['val_loss_fp32']:.4f} -> {r['val_loss_stored']:.4f}, greedy tokens agree {r['token_agreement']:.0%}")
     return 0
 
 
@@ -459,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--threads", type=int, default=2)
     st.add_argument("--quiet", action="store_true", help="no progress bars")
+    st.add_argument("--ship", default=None, metavar="DIR",
+                    help="when every variant is done, store each model in DIR/NAME with int8 weights and the "
+                         "codec referenced, and measure what that costs (DIR/packing.json)")
     st.set_defaults(func=_cmd_study)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks against peers")

@@ -130,11 +130,12 @@ class MusicGen(nn.Module):
 
         return from_pretrained(name_or_path, device, **kw)
 
-    def save(self, path, conditioner: dict | None = None, extra: dict | None = None, dtype=None):
+    def save(self, path, conditioner: dict | None = None, extra: dict | None = None, dtype=None,
+             codec_path: str | None = None):
         """Write this model to a folder, see :func:`musicgen_lite.hub.save_musicgen`."""
         from .hub import save_musicgen
 
-        return save_musicgen(self, path, conditioner, extra, dtype)
+        return save_musicgen(self, path, conditioner, extra, dtype, codec_path)
 
     # ----------------------------------------------------------------------- conditions
     def condition(self, descriptions, melody=None, melody_sample_rate: int | None = None,

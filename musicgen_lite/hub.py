@@ -75,17 +75,63 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+INT8_SCALE_SUFFIX = ".int8_row_scale"
+INT8_MIN_NUMEL = 4096  # smaller matrices (and every vector) are stored in fp16
+
+
+def pack_int8(state: dict[str, torch.Tensor], min_numel: int = INT8_MIN_NUMEL) -> dict[str, torch.Tensor]:
+    """A state dict for shipping at about a quarter of its fp32 bytes.
+
+    Every floating matrix with at least ``min_numel`` entries (linear weights, embedding tables)
+    becomes int8 with one fp32 scale per row, ``q = round(w / s)``, ``s = max|w_row| / 127``,
+    stored under ``name`` and ``name + INT8_SCALE_SUFFIX``: each weight comes back within
+    ``s / 2`` of its value. Other floating tensors are stored in fp16, integers as they are.
+    Storage only: :func:`unpack_int8` (called by :func:`load_checkpoint`) gives fp32 back, and
+    the model computes in fp32 as before (unlike :mod:`musicgen_lite.int8`, which computes in int8).
+    """
+    out = {}
+    for k, v in state.items():
+        if k.endswith(INT8_SCALE_SUFFIX):
+            raise ValueError(f"{k}: a tensor name may not end with {INT8_SCALE_SUFFIX!r}")
+        if v.is_floating_point() and v.dim() == 2 and v.numel() >= min_numel:
+            w = v.detach().float()
+            scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+            out[k] = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            out[k + INT8_SCALE_SUFFIX] = scale
+        else:
+            out[k] = v.to(torch.float16) if v.is_floating_point() else v
+    return out
+
+
+def unpack_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo :func:`pack_int8`: int8 matrices with a row scale -> fp32 (``q * s``); the rest unchanged."""
+    scaled = [k[:-len(INT8_SCALE_SUFFIX)] for k in state if k.endswith(INT8_SCALE_SUFFIX)]
+    if not scaled:
+        return state
+    out = {k: v for k, v in state.items() if not k.endswith(INT8_SCALE_SUFFIX)}
+    for k in scaled:
+        if k not in out or out[k].dtype != torch.int8:
+            raise ValueError(f"{k}: an int8 row scale without its int8 weights")
+        out[k] = out[k].float() * state[k + INT8_SCALE_SUFFIX].float()[:, None]
+    return out
+
+
 def save_checkpoint(path, model: nn.Module | dict, config: dict, extra: dict | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | str | None = None) -> Path:
     """Write a checkpoint folder ``path``: ``model.safetensors`` + ``config.json``.
 
     ``model`` is a module or a state dict; ``config`` the dict that rebuilds it; ``extra``
     any JSON-able facts (step, data, metrics). ``dtype`` (e.g. ``torch.float16``) casts the
-    floating tensors for shipping. Returns the folder.
+    floating tensors for shipping; ``"int8"`` stores large matrices as int8 with row scales
+    (:func:`pack_int8`; :func:`load_checkpoint` restores fp32). Returns the folder.
     """
     path = Path(path)
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    if dtype is not None:
+    if isinstance(dtype, str):
+        if dtype != "int8":
+            raise ValueError(f"dtype must be a torch dtype or 'int8', got {dtype!r}")
+        state = pack_int8(state)
+    elif dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     save_tensors(path / WEIGHTS_NAME, state)
     save_json(path / CONFIG_NAME, {"config": config, "extra": extra or {}})
@@ -93,14 +139,15 @@ def save_checkpoint(path, model: nn.Module | dict, config: dict, extra: dict | N
 
 
 def load_checkpoint(path, device: str | torch.device = "cpu") -> tuple[dict, dict, dict]:
-    """Read a folder written by :func:`save_checkpoint` -> ``(state_dict, config, extra)``."""
+    """Read a folder written by :func:`save_checkpoint` -> ``(state_dict, config, extra)``
+    (int8-packed matrices come back as fp32, see :func:`pack_int8`)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (not a musicgen-lite checkpoint)")
     meta = json.loads((path / CONFIG_NAME).read_text())
-    return load_tensors(path / WEIGHTS_NAME, device), meta.get("config", {}), meta.get("extra", {})
+    return unpack_int8(load_tensors(path / WEIGHTS_NAME, device)), meta.get("config", {}), meta.get("extra", {})
 
 
 def load_codec(path, device: str | torch.device = "cpu"):
@@ -233,14 +280,18 @@ def default_model_path() -> Path:
 
 
 def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | None = None,
-                  dtype: torch.dtype | None = None) -> Path:
+                  dtype: torch.dtype | str | None = None, codec_path: str | None = None) -> Path:
     """Write a :class:`~musicgen_lite.generation.MusicGen` (our codec + LM + text conditioner) to a folder.
 
     Layout: ``codec/`` (a codec checkpoint), ``model.safetensors`` (``lm.*`` and the
     conditioner's trainable ``conditioner.*`` weights; a frozen T5 or MiniLM is not copied,
     it is reloaded from its own package) and ``config.json`` (the LM config, the pattern, the
     conditioner's ``{"name", "kwargs"}`` as for :func:`~musicgen_lite.conditioning.get_conditioner`,
-    and ``extra``). ``dtype`` casts floating tensors (e.g. fp16 for shipping).
+    and ``extra``). ``dtype`` casts floating tensors (e.g. fp16 for shipping; ``"int8"``:
+    :func:`pack_int8`, the codec then in fp16).
+
+    ``codec_path``: instead of a ``codec/`` copy, a path relative to ``path`` of a codec
+    checkpoint that holds the same weights (checked), for models shipped beside their codec.
 
     A melody model (``model.melody_conditioner``) also stores its chroma settings
     (``config["melody"]``, :func:`melody_spec`) and its projection (``melody_conditioner.proj.*``;
@@ -257,7 +308,16 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
     # the codebooks' EMA sums only serve k-means updates: left out, as export_codec(inference_only=True)
     # does (load_codec rebuilds them), so a model folder's codec/ matches the shipped codec file
     codec_state = {k: v for k, v in model.codec.state_dict().items() if not k.endswith("codebook.embed_avg")}
-    save_checkpoint(path / "codec", codec_state, model.codec.config.to_dict(), dtype=dtype)
+    if codec_path is None:
+        save_checkpoint(path / "codec", codec_state, model.codec.config.to_dict(),
+                        dtype=torch.float16 if dtype == "int8" else dtype)
+    else:
+        shared, shared_config, _ = load_checkpoint(os.path.normpath(path / codec_path))  # path may not exist yet
+        same = shared_config == model.codec.config.to_dict() and all(
+            k in shared and torch.equal(shared[k].float(), v.detach().cpu().to(shared[k].dtype).float())
+            for k, v in codec_state.items())
+        if not same:
+            raise ValueError(f"codec_path={codec_path!r}: the codec there is not this model's codec")
     state = {f"lm.{k}": v for k, v in model.lm.state_dict().items()}
     if model.conditioner is not None:
         frozen = _FROZEN_PREFIXES.get(conditioner["name"])
@@ -270,6 +330,8 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
               "conditioner": conditioner, "max_duration": model.max_duration, "extend_stride": model.extend_stride,
               "melody": melody_spec(melody) if melody is not None else None,
               "cfg_coef": model.cfg_coef}
+    if codec_path is not None:
+        config["codec_path"] = str(codec_path)
     return save_checkpoint(path, state, config, extra, dtype=dtype)
 
 
@@ -277,7 +339,9 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
     """A :class:`~musicgen_lite.generation.MusicGen` from a folder written by :func:`save_musicgen`.
 
     ``path=None`` loads the shipped default (:func:`default_model_path`). Weights stored in
-    fp16 come back as fp32. The model is returned in eval mode.
+    fp16 or int8 (:func:`pack_int8`) come back as fp32. The codec is ``path/codec`` or, where
+    the config names one (``codec_path``), that folder relative to ``path``. The model is
+    returned in eval mode.
     """
     from .conditioning import MelodyConditioner, get_conditioner
     from .generation import DEFAULT_CFG, MusicGen
@@ -291,7 +355,7 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
     state, config, _ = load_checkpoint(path, device)
     if config.get("format") != MUSICGEN_FORMAT:
         raise ValueError(f"{path}: config.json is not a {MUSICGEN_FORMAT} model (format={config.get('format')!r})")
-    codec = load_codec(path / "codec", device)
+    codec = load_codec(path / config.get("codec_path", "codec"), device)
     lm = MusicLM(LMConfig(**{k: v for k, v in config["lm"].items() if k in LMConfig.__dataclass_fields__}))
     lm.load_state_dict({k[3:]: v.float() if v.is_floating_point() else v for k, v in state.items()
                         if k.startswith("lm.")})

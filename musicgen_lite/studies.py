@@ -212,3 +212,121 @@ def format_study(table: dict) -> str:
     if table.get("pending"):
         lines.append(f"not finished yet: {', '.join(table['pending'])} (run again to continue)")
     return "\n".join(lines)
+
+
+def ship_study(table_json, runs_dir, out_dir, codec, heldout_tokens, agreement_captions: int = 4,
+               agreement_seconds: float = 4.0) -> dict:
+    """Pack every finished variant of a study for shipping, and measure what packing costs.
+
+    Each row's trained model (``runs_dir/study/name/model``, written by :func:`run_study`) is
+    saved to ``out_dir/name`` with its large matrices in int8 and one scale per row
+    (:func:`musicgen_lite.hub.pack_int8`: a quarter of the fp32 bytes), its codec referenced
+    (``codec``, a folder holding the same weights) rather than copied. The stored model loads
+    with :meth:`MusicGen.load` like any other.
+
+    What packing costs is measured on each model, not assumed: the validation loss on
+    ``heldout_tokens`` (same windows as the study) of the trained fp32 model and of the stored
+    one, and the share of greedy tokens on which they agree (:func:`musicgen_lite.int8.token_agreement`
+    on the first ``agreement_captions`` captions of ``heldout_tokens``, ``agreement_seconds`` each). Writes ``out_dir/packing.json``
+    and returns it: ``{"rows": [{"name", "val_loss_fp32", "val_loss_stored", "token_agreement",
+    "bytes"}], "study", "setup"}``.
+    """
+    import os
+
+    from .data.dataset import TokenDataset
+    from .generation import MusicGen
+    from .hub import CONFIG_NAME, WEIGHTS_NAME, save_musicgen
+    from .int8 import token_agreement
+    from .training import LMTask, validation_loss
+
+    table = json.loads(Path(table_json).read_text())
+    study, segment = table["study"], table["setup"]["segment_seconds"]
+    runs_dir, out_dir, codec = Path(runs_dir), Path(out_dir), Path(codec)
+    held = TokenDataset(heldout_tokens)
+    captions = [held[i][1].get("description", "") for i in range(min(agreement_captions, len(held)))]
+    rows = []
+    for row in table["rows"]:
+        name = row["name"]
+        source = runs_dir / study / name / "model"
+        if not (source / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{source}: no trained model for the {study} variant {name!r} "
+                                    f"(run `musicgen-lite study {study}` with --runs {runs_dir} first)")
+        spec = json.loads((source / CONFIG_NAME).read_text())
+        model = MusicGen.load(source)
+        target = out_dir / name
+        extra = {"study": study, "variant": name, "setup": table["setup"], "metrics": row,
+                 "weights": "int8 per row (pack_int8), fp16 vectors; computed in fp32",
+                 "trained": spec.get("extra", {})}
+        save_musicgen(model, target, spec["config"]["conditioner"], extra, dtype="int8",
+                      codec_path=os.path.relpath(codec, target))
+        stored = MusicGen.load(target)
+        losses = [validation_loss(LMTask(m.lm, m.conditioner, m.pattern), heldout_tokens, segment)["loss"]
+                  for m in (model, stored)]
+        agree = token_agreement(model, stored, captions, agreement_seconds)
+        rows.append({"name": name, "val_loss_fp32": losses[0], "val_loss_stored": losses[1],
+                     "token_agreement": agree, "bytes": (target / WEIGHTS_NAME).stat().st_size,
+                     "fp32_bytes": sum(p.numel() * 4 for p in model.lm.parameters())
+                     + sum(p.numel() * 4 for n, p in model.conditioner.named_parameters() if p.requires_grad)})
+    report = {"study": study, "setup": table["setup"], "codec": str(codec),
+              "agreement": {"captions": agreement_captions, "seconds": agreement_seconds}, "rows": rows}
+    _write_atomic(out_dir / "packing.json", report)
+    card = study_models_card(report, table)
+    tmp = out_dir / "README.md.tmp"
+    tmp.write_text(card)
+    tmp.replace(out_dir / "README.md")
+    return report
+
+
+def study_models_card(report: dict, table: dict) -> str:
+    """The model card of a study's shipped models (``README.md`` beside them): how they were
+    trained, what they scored (the study's table) and what storing them cost (``report``)."""
+    setup, study = table["setup"], table["study"]
+    rows = {r["name"]: r for r in table["rows"]}
+    lm = setup.get("lm")
+    lm_text = lm if isinstance(lm, str) else f"{lm.get('dim')} x {lm.get('num_layers')} layers" if lm else "preset"
+    lines = [
+        f"# The {study} study's models (notebook 08)" if study == "patterns" else f"# The {study} study's models",
+        "",
+        f"One LM per variant of the {study} study (`data/results/{study}.json`), shipped so that the study's",
+        "numbers can be heard and measured again. Load one like any model:",
+        f"`MusicGen.load('data/checkpoints/{study}/{report['rows'][0]['name']}')`.",
+        "",
+        "## Training",
+        "",
+        f"- LM: `{lm_text}` (`--lm {lm}`), the same for every variant; only the {study[:-1] if study.endswith('s') else study} changes.",
+        f"- Data: the token cache `{setup['tokens']}` (made by `{setup['codec']}`; see",
+        "  `scripts/train_lite_models.sh`, steps 2-3, for how it is built), deterministic by seed.",
+        f"- Budget: {setup['steps']:,} steps of {setup['batch_size']} x {setup['segment_seconds']:g} s, "
+        f"{setup['tokens_seen']:,} tokens seen by each variant, seed {setup['seed']}.",
+        f"- Command: `{setup['command']} --ship data/checkpoints/{study}`",
+        "",
+        f"## What they scored ({setup['eval']['n']} held-out captions, {setup['eval']['duration']:g} s each)",
+        "",
+        "| variant | validation loss | FAD | KL | CLAP | attribute accuracy | training s | generation s / 10 s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        m = rows[r["name"]]
+        lines.append(f"| {r['name']} | {m['val_loss']:.3f} | {m['fad']:.1f} | {m['kl']:.2f} | {m['clap']:.3f} | "
+                     f"{m['attribute_accuracy']:.3f} | {m['train_seconds']:.0f} | {m['gen_seconds_10s']:.2f} |")
+    agree = report["agreement"]
+    lines += [
+        "",
+        "## Storage: int8 rows, the codec shared",
+        "",
+        "Every matrix of at least 4,096 weights (embeddings, projections, heads) is stored in int8",
+        "with one fp32 scale per row (`musicgen_lite.hub.pack_int8`: each weight within half a step",
+        "of its value), the rest in fp16; loading gives fp32 back and the model computes in fp32.",
+        f"The codec is not copied: each `config.json` names `{setup['codec']}` (`codec_path`).",
+        "What storing cost, measured on each model: the validation loss of the trained fp32 model",
+        "and of the stored one (the study's held-out windows), and the share of greedy tokens on",
+        f"which the two agree ({agree['captions']} held-out captions, {agree['seconds']:g} s each; one",
+        "changed token changes the rest of an autoregressive sequence, so this is strict).",
+        "",
+        "| variant | validation loss, trained | stored | greedy tokens agree | MB stored | MB in fp32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(f"| {r['name']} | {r['val_loss_fp32']:.3f} | {r['val_loss_stored']:.3f} | "
+                     f"{r['token_agreement']:.0%} | {r['bytes'] / 1e6:.1f} | {r['fp32_bytes'] / 1e6:.1f} |")
+    return "\n".join(lines) + "\n"

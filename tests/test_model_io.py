@@ -256,3 +256,66 @@ def test_a_model_generates_with_the_guidance_it_was_measured_with(lm_run, tmp_pa
     with pytest.raises(RuntimeError, match="stop"):
         evaluate(Spy(), captions=tmp / "data", n=2, duration=1.0, progress=False)
     assert seen == [5.0]
+
+
+def test_pack_int8_keeps_every_weight_within_half_a_step_of_its_row():
+    from musicgen_lite.hub import INT8_SCALE_SUFFIX, pack_int8, unpack_int8
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different size
+    w[5] = 0.0  # an all-zero row must not divide by zero
+    state = {"w": w, "norm": torch.randn(128, generator=g), "small": torch.randn(8, 8, generator=g),
+             "steps": torch.tensor([3, 4])}
+    packed = pack_int8(state)
+    assert packed["w"].dtype == torch.int8 and packed["w" + INT8_SCALE_SUFFIX].shape == (64,)
+    assert packed["norm"].dtype == packed["small"].dtype == torch.float16  # vectors and small matrices: fp16
+    assert torch.equal(packed["steps"], state["steps"])
+    back = unpack_int8(packed)
+    assert set(back) == set(state) and back["w"].dtype == torch.float32
+    step = w.abs().amax(1) / 127
+    err = (back["w"] - w).abs()
+    assert (err <= step[:, None] / 2 + 1e-6 * w.abs()).all()  # round to nearest: at most half a step
+    assert torch.equal(back["w"][5], torch.zeros(128))
+    rows = torch.arange(64)
+    biggest = w.abs().argmax(1)
+    torch.testing.assert_close(back["w"][rows, biggest], w[rows, biggest])  # each row's extreme is exact (+-127 steps)
+    with pytest.raises(ValueError, match="without its int8 weights"):
+        unpack_int8({"w" + INT8_SCALE_SUFFIX: step})
+
+
+def test_int8_model_folder_references_its_codec_and_loads_as_fp32(lm_run, tmp_path):
+    import os
+
+    from musicgen_lite.codec import CompressionModel, codec_config
+    from musicgen_lite.generation import MusicGen
+    from musicgen_lite.hub import save_checkpoint
+    from musicgen_lite.training import export_musicgen
+
+    tmp, _ = lm_run
+    full = MusicGen.load(export_musicgen(tmp / "run", tmp / "codec", tmp_path / "fp32", dtype=None))
+    target = tmp_path / "shipped" / "model"
+    full.save(target, {"name": "learned", "kwargs": {}}, dtype="int8", codec_path=os.path.relpath(tmp / "codec", target))
+    assert not (target / "codec").exists()
+    assert json.loads((target / "config.json").read_text())["config"]["codec_path"].startswith("..")
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(target) < 0.35 * size(tmp_path / "fp32")
+    small = MusicGen.load(target)
+    for name, p in full.lm.state_dict().items():
+        q = small.lm.state_dict()[name]
+        assert q.dtype == p.dtype
+        step = p.abs().amax(-1, keepdim=True) / 127 if p.dim() == 2 else p.abs() * 1e-3 + 1e-4  # int8 rows / fp16
+        assert ((q - p).abs() <= step / 2 + 1e-6).all(), name
+    for (name, p), q in zip(full.codec.state_dict().items(), small.codec.state_dict().values()):
+        assert torch.equal(p, q), name  # the referenced codec itself, not a copy
+    wav = small.generate(["a calm piano piece"], duration=0.3, seed=3, progress=False)
+    assert wav.shape[-1] > 0 and torch.isfinite(wav).all()
+    # a codec with other weights is refused; a missing one is named
+    torch.manual_seed(1)
+    other = CompressionModel(codec_config("tiny"))
+    save_checkpoint(tmp_path / "other_codec", other, other.config.to_dict())
+    with pytest.raises(ValueError, match="not this model's codec"):
+        full.save(tmp_path / "bad", {"name": "learned", "kwargs": {}}, codec_path="../other_codec")
+    (tmp_path / "moved" / "deeper").mkdir(parents=True)  # one level deeper: the relative path misses
+    os.replace(target, tmp_path / "moved" / "deeper" / "model")
+    with pytest.raises(FileNotFoundError, match="codec: no such checkpoint folder"):
+        MusicGen.load(tmp_path / "moved" / "deeper" / "model")

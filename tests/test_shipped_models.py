@@ -108,3 +108,45 @@ def test_committed_results_and_cards_carry_no_machine_paths():
     assert len(files) >= 5  # cards and results are there to check
     leaks = {str(p.relative_to(data)): m.group(0) for p in files for m in [pattern.search(p.read_text())] if m}
     assert not leaks, f"machine paths in shipped files: {leaks}"
+
+
+PATTERN_MODELS = CHECKPOINTS / "patterns"
+
+
+@pytest.mark.skipif(not (PATTERN_MODELS / "packing.json").is_file(), reason="no shipped pattern-study models")
+def test_shipped_pattern_models_are_the_studys_own_and_storing_them_cost_little():
+    """data/checkpoints/patterns: one model per pattern of data/results/patterns.json, whose validation
+    loss (recomputed when packing) is the table's, stored in int8 rows at a small measured cost,
+    sharing the lite codec; each loads and generates."""
+    from musicgen_lite.data.dataset import codec_fingerprint
+    from musicgen_lite.generation import MusicGen
+    from musicgen_lite.hub import load_codec
+    from musicgen_lite.studies import PATTERN_STUDY
+
+    packing = json.loads((PATTERN_MODELS / "packing.json").read_text())
+    table = json.loads((CHECKPOINTS.parent / "results" / "patterns.json").read_text())
+    rows = {r["name"]: r for r in table["rows"]}
+    assert sorted(r["name"] for r in packing["rows"]) == sorted(rows) == sorted(PATTERN_STUDY)
+    assert packing["setup"] == table["setup"]
+    card = (PATTERN_MODELS / "README.md").read_text()
+    fingerprint = codec_fingerprint(load_codec(CODEC))
+    for r in packing["rows"]:
+        assert r["val_loss_fp32"] == pytest.approx(rows[r["name"]]["val_loss"], abs=1e-4), r["name"]
+        assert abs(r["val_loss_stored"] - r["val_loss_fp32"]) < 0.01, r  # int8 rows: under 0.01 nats
+        assert r["bytes"] < 0.3 * r["fp32_bytes"]
+        assert f"| {r['name']} | {r['val_loss_fp32']:.3f} | {r['val_loss_stored']:.3f} |" in card
+        folder = PATTERN_MODELS / r["name"]
+        config = json.loads((folder / "config.json").read_text())["config"]
+        assert config["codec_path"] == "../../codec_lite" and not (folder / "codec").exists()
+        model = MusicGen.load(folder)
+        assert model.pattern.name == r["name"] and codec_fingerprint(model.codec) == fingerprint
+    wav = model.generate(["a calm piano piece"], duration=0.5, seed=1, progress=False)
+    assert wav.shape == (1, 1, model.sample_rate // 2) and torch.isfinite(wav).all()
+
+
+def test_committed_data_stays_under_80_mb():
+    """DESIGN.md: the whole committed data/ folder (checkpoints, results, assets; not the ignored
+    cache) at most 80 MB, so a clone stays quick."""
+    data = CHECKPOINTS.parent
+    total = sum(p.stat().st_size for p in data.rglob("*") if p.is_file() and "cache" not in p.relative_to(data).parts)
+    assert 1e6 < total <= 80e6, f"data/ holds {total / 1e6:.1f} MB"

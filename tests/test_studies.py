@@ -64,6 +64,20 @@ def test_pattern_study_rows_resume_and_limits(tmp_path, caches, refs):
     # equal budgets: the same steps, batch and segment, so the same tokens seen
     assert table["setup"]["tokens_seen"] == 2 * 2 * 50
     assert table["rows"][0]["params_m"] == table["rows"][1]["params_m"]  # only the pattern differs
+    # shipping: int8 rows, the codec referenced, the cost measured on the same validation windows
+    from musicgen_lite.generation import MusicGen
+    from musicgen_lite.studies import ship_study
+
+    report = ship_study(out, tmp_path / "runs", tmp_path / "ship", codec, held_tokens, agreement_captions=2,
+                        agreement_seconds=0.3)
+    assert [r["name"] for r in report["rows"]] == ["flatten", "delay"]
+    assert json.loads((tmp_path / "ship" / "packing.json").read_text()) == report
+    for r, row in zip(report["rows"], table["rows"]):
+        assert r["val_loss_fp32"] == pytest.approx(row["val_loss"], rel=1e-5)  # the study's own number, recomputed
+        assert abs(r["val_loss_stored"] - r["val_loss_fp32"]) < 0.05 and 0.0 <= r["token_agreement"] <= 1.0
+        assert r["bytes"] < 0.4 * r["fp32_bytes"]
+        shipped_model = MusicGen.load(tmp_path / "ship" / r["name"])
+        assert shipped_model.pattern.name == r["name"] and not (tmp_path / "ship" / r["name"] / "codec").exists()
     # a second call keeps finished rows and trains nothing
     again = run_study("patterns", tokens, held_tokens, codec, out, tmp_path / "runs", variants=["delay", "flatten"],
                       lm="S", **kw)
