@@ -282,7 +282,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
             return 1
         from .studies import ship_study
 
-        report = ship_study(args.out, args.runs, args.ship, args.codec, args.heldout)
+        try:
+            report = ship_study(args.out, args.runs, args.ship, args.codec, args.heldout, progress=not args.quiet,
+                                max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+        except TimeoutError as exc:
+            print(f"not shipped yet: {exc}", file=sys.stderr)
+            return 1
         for r in report["rows"]:
             print(f"{r['name']:14s} {r['bytes'] / 1e6:5.1f} MB (fp32 {r['fp32_bytes'] / 1e6:5.1f}): validation loss "
                   f"{r['val_loss_fp32']:.4f} -> {r['val_loss_stored']:.4f}, greedy tokens agree {r['token_agreement']:.0%}")
@@ -471,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--quiet", action="store_true", help="no progress bars")
     st.add_argument("--ship", default=None, metavar="DIR",
                     help="when every variant is done, store each model in DIR/NAME with int8 weights and the "
-                         "codec referenced, and measure what that costs (DIR/packing.json)")
+                         "codec referenced, and measure what that costs (DIR/packing.json, DIR/README.md); "
+                         "a model no longer in --runs is trained again with the table's recipe and checked to "
+                         "be the one the table scored")
     st.set_defaults(func=_cmd_study)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks against peers")

@@ -335,6 +335,33 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
     return save_checkpoint(path, state, config, extra, dtype=dtype)
 
 
+def musicgen_codec_dir(path) -> Path:
+    """The codec folder of a model folder: ``path/codec``, or the one its config names (``codec_path``)."""
+    path = Path(path)
+    meta = json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).is_file() else {}
+    return Path(os.path.normpath(path / meta.get("config", {}).get("codec_path", "codec")))
+
+
+def share_codec(model_dir, codec_dir) -> Path:
+    """Replace a model folder's ``codec/`` copy by a reference to ``codec_dir`` (relative, in its
+    ``config.json``), after checking that both hold the same codec: saves the copy's bytes where
+    several shipped models share one codec. Nothing else in the folder changes."""
+    model_dir, codec_dir = Path(model_dir), Path(codec_dir)
+    copy_dir = model_dir / "codec"
+    own, own_config, _ = load_checkpoint(copy_dir)
+    shared, shared_config, _ = load_checkpoint(codec_dir)
+    if own_config != shared_config or own.keys() != shared.keys() or \
+            not all(torch.equal(own[k], shared[k]) for k in own):
+        raise ValueError(f"{copy_dir} and {codec_dir} do not hold the same codec")
+    meta = json.loads((model_dir / CONFIG_NAME).read_text())
+    meta["config"]["codec_path"] = os.path.relpath(codec_dir, model_dir)
+    save_json(model_dir / CONFIG_NAME, meta)
+    for f in copy_dir.iterdir():
+        f.unlink()
+    copy_dir.rmdir()
+    return model_dir
+
+
 def load_musicgen(path=None, device: str | torch.device = "cpu"):
     """A :class:`~musicgen_lite.generation.MusicGen` from a folder written by :func:`save_musicgen`.
 
@@ -355,7 +382,7 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
     state, config, _ = load_checkpoint(path, device)
     if config.get("format") != MUSICGEN_FORMAT:
         raise ValueError(f"{path}: config.json is not a {MUSICGEN_FORMAT} model (format={config.get('format')!r})")
-    codec = load_codec(path / config.get("codec_path", "codec"), device)
+    codec = load_codec(musicgen_codec_dir(path), device)
     lm = MusicLM(LMConfig(**{k: v for k, v in config["lm"].items() if k in LMConfig.__dataclass_fields__}))
     lm.load_state_dict({k[3:]: v.float() if v.is_floating_point() else v for k, v in state.items()
                         if k.startswith("lm.")})

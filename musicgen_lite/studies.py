@@ -108,7 +108,7 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
     """
     from .evaluation import evaluate
     from .generation import MusicGen
-    from .training import export_musicgen, lm_train_options, log_wall_seconds, train_lm, validation_loss
+    from .training import export_musicgen, lm_train_options, log_wall_seconds, validation_loss
 
     out_json, runs_dir = Path(out_json), Path(runs_dir)
     study_lm(lm, scale)  # an unknown name fails before anything trains
@@ -127,7 +127,7 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
         "scale": scale, "steps": steps, "batch_size": recipe["batch_size"], "segment_seconds": recipe["segment_seconds"],
         "tokens_seen": steps * recipe["batch_size"] * round(recipe["segment_seconds"] * _frame_rate(tokens)),
         "tokens": str(tokens), "heldout_tokens": str(heldout_tokens), "codec": str(codec), "seed": seed,
-        "eval": {"n": n_eval, "duration": eval_duration}, "command": command or table.get("setup", {}).get("command", ""),
+        "eval": {"n": n_eval, "duration": eval_duration}, "command": table.get("setup", {}).get("command") or command,  # the call that made the rows
         "lm": lm if lm is None or isinstance(lm, str) else lm.to_dict(),
     }})
     table.setdefault("rows", [])
@@ -144,11 +144,9 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
             pending.append(name)
             continue
         kwargs = {k: v for k, v in variant.items() if k != "name"}
-        kwargs.setdefault("lm", study_lm(lm, scale))
         run_dir = runs_dir / study / name
         try:
-            run = train_lm(run_dir, tokens, scale=scale, steps=steps, seed=seed, progress=progress,
-                           max_seconds=left, **kwargs, **train_options)
+            run = _train_variant(variant, run_dir, tokens, scale, steps, seed, lm, left, progress, train_options)
         except Exception as exc:  # T5 offline: record and go on with the others
             from .hub import HubUnreachableError
 
@@ -195,6 +193,19 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
     return table
 
 
+def _train_variant(variant: dict, run_dir: Path, tokens, scale: str, steps: int, seed: int, lm, max_seconds,
+                   progress: bool, train_options: dict) -> dict:
+    """Train one variant as every study does (resumes ``run_dir``): :func:`train_lm`'s result."""
+    from .training import train_lm
+
+    from .lm import LMConfig
+
+    kwargs = {k: v for k, v in variant.items() if k != "name"}
+    kwargs.setdefault("lm", study_lm(LMConfig(**lm) if isinstance(lm, dict) else lm, scale))
+    return train_lm(run_dir, tokens, scale=scale, steps=steps, seed=seed, progress=progress,
+                    max_seconds=max_seconds, **kwargs, **train_options)
+
+
 def format_study(table: dict) -> str:
     """The table as aligned text, one row per variant."""
     cols = ["params_m", "val_loss", "fad", "kl", "clap", "attribute_accuracy", "caption_gain", "steps_10s",
@@ -215,11 +226,13 @@ def format_study(table: dict) -> str:
 
 
 def ship_study(table_json, runs_dir, out_dir, codec, heldout_tokens, agreement_captions: int = 4,
-               agreement_seconds: float = 4.0) -> dict:
+               agreement_seconds: float = 4.0, max_seconds: float | None = None, progress: bool = True) -> dict:
     """Pack every finished variant of a study for shipping, and measure what packing costs.
 
-    Each row's trained model (``runs_dir/study/name/model``, written by :func:`run_study`) is
-    saved to ``out_dir/name`` with its large matrices in int8 and one scale per row
+    Each row's trained model (``runs_dir/study/name/model``, written by :func:`run_study`; where
+    it is gone, the variant is trained again with the table's recipe and seed, resumable, and
+    ``max_seconds`` bounds that training) is checked to be the model the table scored (its
+    validation loss recomputed, within 1e-3 nats) and saved to ``out_dir/name`` with its large matrices in int8 and one scale per row
     (:func:`musicgen_lite.hub.pack_int8`: a quarter of the fp32 bytes), its codec referenced
     (``codec``, a folder holding the same weights) rather than copied. The stored model loads
     with :meth:`MusicGen.load` like any other.
@@ -237,20 +250,28 @@ def ship_study(table_json, runs_dir, out_dir, codec, heldout_tokens, agreement_c
     from .generation import MusicGen
     from .hub import CONFIG_NAME, WEIGHTS_NAME, save_musicgen
     from .int8 import token_agreement
-    from .training import LMTask, validation_loss
+    from .training import LMTask, export_musicgen, validation_loss
 
     table = json.loads(Path(table_json).read_text())
     study, segment = table["study"], table["setup"]["segment_seconds"]
     runs_dir, out_dir, codec = Path(runs_dir), Path(out_dir), Path(codec)
     held = TokenDataset(heldout_tokens)
     captions = [held[i][1].get("description", "") for i in range(min(agreement_captions, len(held)))]
-    rows = []
+    rows, t0 = [], time.perf_counter()
     for row in table["rows"]:
         name = row["name"]
         source = runs_dir / study / name / "model"
-        if not (source / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{source}: no trained model for the {study} variant {name!r} "
-                                    f"(run `musicgen-lite study {study}` with --runs {runs_dir} first)")
+        if not (source / CONFIG_NAME).is_file():  # trained again, exactly as the study did (resumable)
+            setup = table["setup"]
+            variant = next(v for v in study_variants(study, setup["scale"]) if v["name"] == name)
+            options = {"batch_size": setup["batch_size"], "segment_seconds": setup["segment_seconds"]}
+            left = None if max_seconds is None else max_seconds - (time.perf_counter() - t0)
+            run = _train_variant(variant, runs_dir / study / name, Path(setup["tokens"]), setup["scale"],
+                                 setup["steps"], setup["seed"], setup.get("lm"), left, progress, options)
+            if run["step"] < setup["steps"]:
+                raise TimeoutError(f"{name}: trained to step {run['step']} of {setup['steps']} in the time given; "
+                                   "call again to go on")
+            export_musicgen(runs_dir / study / name, codec, source, dtype=None)
         spec = json.loads((source / CONFIG_NAME).read_text())
         model = MusicGen.load(source)
         target = out_dir / name
@@ -262,6 +283,9 @@ def ship_study(table_json, runs_dir, out_dir, codec, heldout_tokens, agreement_c
         stored = MusicGen.load(target)
         losses = [validation_loss(LMTask(m.lm, m.conditioner, m.pattern), heldout_tokens, segment)["loss"]
                   for m in (model, stored)]
+        if abs(losses[0] - row["val_loss"]) > 1e-3:
+            raise ValueError(f"{source}: validation loss {losses[0]:.4f}, the table measured {row['val_loss']:.4f}: "
+                             "not the model the table scored (other tokens, code or machine?)")
         agree = token_agreement(model, stored, captions, agreement_seconds)
         rows.append({"name": name, "val_loss_fp32": losses[0], "val_loss_stored": losses[1],
                      "token_agreement": agree, "bytes": (target / WEIGHTS_NAME).stat().st_size,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hub import load_checkpoint, save_checkpoint
+from .hub import load_checkpoint, musicgen_codec_dir, save_checkpoint
 
 
 # --------------------------------------------------------------------------- schedules
@@ -727,13 +727,13 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
         prefix = "model.task."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         codec_fp, cond_name = (meta.get("token_fingerprint") or {}).get("codec"), meta.get("conditioner")
-    elif (source / "config.json").is_file() and (source / "codec" / "config.json").is_file():
+    elif (source / "config.json").is_file() and (musicgen_codec_dir(source) / "config.json").is_file():
         from .data.dataset import codec_fingerprint
         from .hub import load_codec
 
         tensors, outer, meta = load_checkpoint(source)
         config, state = outer.get("lm", {}), dict(tensors)
-        codec_fp = codec_fingerprint(load_codec(source / "codec"))
+        codec_fp = codec_fingerprint(load_codec(musicgen_codec_dir(source)))
         cond_name = (outer.get("conditioner") or {}).get("name")
     else:
         raise FileNotFoundError(f"init_from={source}: neither an LM run folder (checkpoint/) nor a model folder")

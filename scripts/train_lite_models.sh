@@ -98,6 +98,11 @@ $MLITE evaluate --model data/checkpoints/musicgen_lite_melody --n 100 --captions
 #    budget; the pattern and text-encoder studies use the scaling study's small LM (S: 128 x 4) to fit a CPU
 $MLITE study patterns --tokens data/cache/lm_mix/tokens --heldout data/cache/lm_heldout/tokens --codec $CODEC \
     --out data/results/patterns.json --steps 1000 --lm S --segment-seconds 5 --max-minutes 150
+#    its five models, stored in int8 rows beside the codec (data/checkpoints/patterns, card + packing.json); the
+#    same line with --ship trains again any model no longer in runs/ (about 1.5 h in all) and checks it is the
+#    one the table scored (validation loss within 1e-3 nats) before packing it
+$MLITE study patterns --tokens data/cache/lm_mix/tokens --heldout data/cache/lm_heldout/tokens --codec $CODEC \
+    --out data/results/patterns.json --steps 1000 --lm S --segment-seconds 5 --max-minutes 150 --ship data/checkpoints/patterns
 $MLITE study scaling --tokens data/cache/lm_mix/tokens --heldout data/cache/lm_heldout/tokens --codec $CODEC \
     --out data/results/scaling.json --steps 600 --segment-seconds 5 --max-minutes 150
 $MLITE study text_encoders --tokens data/cache/lm_mix/tokens --heldout data/cache/lm_heldout/tokens --codec $CODEC \

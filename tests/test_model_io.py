@@ -319,3 +319,34 @@ def test_int8_model_folder_references_its_codec_and_loads_as_fp32(lm_run, tmp_pa
     os.replace(target, tmp_path / "moved" / "deeper" / "model")
     with pytest.raises(FileNotFoundError, match="codec: no such checkpoint folder"):
         MusicGen.load(tmp_path / "moved" / "deeper" / "model")
+
+
+def test_share_codec_replaces_the_copy_by_a_checked_reference(lm_run, tmp_path):
+    from musicgen_lite.codec import CompressionModel, codec_config
+    from musicgen_lite.generation import MusicGen
+    from musicgen_lite.hub import musicgen_codec_dir, share_codec
+    from musicgen_lite.training import export_musicgen
+
+    tmp, _ = lm_run
+    first = export_musicgen(tmp / "run", tmp / "codec", tmp_path / "first", dtype=None)
+    second = export_musicgen(tmp / "run", tmp / "codec", tmp_path / "models" / "second", dtype=None)
+    before = MusicGen.load(second).generate(["a calm piano piece"], duration=0.3, seed=2, progress=False)
+    share_codec(second, first / "codec")
+    assert not (second / "codec").exists() and musicgen_codec_dir(second) == first / "codec"
+    assert json.loads((second / "config.json").read_text())["config"]["codec_path"] == "../../first/codec"
+    after = MusicGen.load(second).generate(["a calm piano piece"], duration=0.3, seed=2, progress=False)
+    assert torch.equal(before, after)
+    # another codec is refused and the folder is left as it was
+    torch.manual_seed(3)
+    other = MusicGen.load(first)
+    other.codec = CompressionModel(codec_config("tiny")).eval()
+    other.save(tmp_path / "other", {"name": "learned", "kwargs": {}})
+    with pytest.raises(ValueError, match="do not hold the same codec"):
+        share_codec(tmp_path / "other", first / "codec")
+    assert (tmp_path / "other" / "codec" / "model.safetensors").is_file()
+    # a folder with a shared codec still starts a run (--init-from)
+    from musicgen_lite.training import train_lm
+
+    run = train_lm(tmp_path / "cont", tmp / "data" / "tokens", scale="tiny", lm="tiny", conditioner="learned",
+                   steps=1, progress=False, init_from=second)
+    assert run["step"] == 1

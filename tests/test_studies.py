@@ -78,6 +78,21 @@ def test_pattern_study_rows_resume_and_limits(tmp_path, caches, refs):
         assert r["bytes"] < 0.4 * r["fp32_bytes"]
         shipped_model = MusicGen.load(tmp_path / "ship" / r["name"])
         assert shipped_model.pattern.name == r["name"] and not (tmp_path / "ship" / r["name"] / "codec").exists()
+    # a model whose run is gone is trained again from the table's recipe: the same model, to the last bit
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "patterns" / "delay")
+    again = ship_study(out, tmp_path / "runs", tmp_path / "ship2", codec, held_tokens, agreement_captions=2,
+                       agreement_seconds=0.3, progress=False)
+    assert again["rows"][1]["val_loss_fp32"] == report["rows"][1]["val_loss_fp32"]
+    a, b = (MusicGen.load(tmp_path / d / "delay").lm.state_dict() for d in ("ship", "ship2"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # ... and a model that is not the one the table scored is refused
+    wrong = json.loads(out.read_text())
+    wrong["rows"][1]["val_loss"] += 0.5
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match="not the model the table scored"):
+        ship_study(tmp_path / "wrong.json", tmp_path / "runs", tmp_path / "ship3", codec, held_tokens, progress=False)
     # a second call keeps finished rows and trains nothing
     again = run_study("patterns", tokens, held_tokens, codec, out, tmp_path / "runs", variants=["delay", "flatten"],
                       lm="S", **kw)
