@@ -23,7 +23,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 STUDIES = ("patterns", "scaling", "text_encoders")
 PATTERN_STUDY = ("flatten", "delay", "parallel", "coarse_first", "partial_delay")
