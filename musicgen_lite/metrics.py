@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np

@@ -890,7 +890,7 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     from .conditioning import MelodyConditioner, get_conditioner
     from .data.dataset import TokenDataset, caption_for_training
     from .hub import melody_spec
-    from .lm import LMConfig, MusicLM, lm_config
+    from .lm import MusicLM, lm_config
 
     rank, world = _dist()
     opts = lm_train_options(scale)
