@@ -312,11 +312,8 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
         save_checkpoint(path / "codec", codec_state, model.codec.config.to_dict(),
                         dtype=torch.float16 if dtype == "int8" else dtype)
     else:
-        shared, shared_config, _ = load_checkpoint(os.path.normpath(path / codec_path))  # path may not exist yet
-        same = shared_config == model.codec.config.to_dict() and all(
-            k in shared and torch.equal(shared[k].float(), v.detach().cpu().to(shared[k].dtype).float())
-            for k, v in codec_state.items())
-        if not same:
+        # path may not exist yet: resolve the relative path by name, not through the file system
+        if not _holds_codec(os.path.normpath(path / codec_path), codec_state, model.codec.config.to_dict()):
             raise ValueError(f"codec_path={codec_path!r}: the codec there is not this model's codec")
     state = {f"lm.{k}": v for k, v in model.lm.state_dict().items()}
     if model.conditioner is not None:
@@ -335,6 +332,18 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
     return save_checkpoint(path, state, config, extra, dtype=dtype)
 
 
+def _holds_codec(codec_dir, state: dict[str, torch.Tensor], config: dict) -> bool:
+    """Whether the codec checkpoint ``codec_dir`` has this config and these weights, every one of
+    them (the decoder too, unlike :func:`~musicgen_lite.data.dataset.codec_fingerprint`, which
+    only covers what decides the codes); ``state`` is compared at the stored precision. The
+    codebooks' EMA sums (k-means statistics, which an inference export leaves out) do not count."""
+    stored, stored_config, _ = load_checkpoint(codec_dir)
+    weights = lambda d: {k: v for k, v in d.items() if not k.endswith("codebook.embed_avg")}  # noqa: E731
+    stored, state = weights(stored), weights(state)
+    return stored_config == config and stored.keys() == state.keys() and all(
+        torch.equal(stored[k], v.detach().cpu().to(stored[k].dtype)) for k, v in state.items())
+
+
 def musicgen_codec_dir(path) -> Path:
     """The codec folder of a model folder: ``path/codec``, or the one its config names (``codec_path``)."""
     path = Path(path)
@@ -349,9 +358,7 @@ def share_codec(model_dir, codec_dir) -> Path:
     model_dir, codec_dir = Path(model_dir), Path(codec_dir)
     copy_dir = model_dir / "codec"
     own, own_config, _ = load_checkpoint(copy_dir)
-    shared, shared_config, _ = load_checkpoint(codec_dir)
-    if own_config != shared_config or own.keys() != shared.keys() or \
-            not all(torch.equal(own[k], shared[k]) for k in own):
+    if not _holds_codec(codec_dir, own, own_config):
         raise ValueError(f"{copy_dir} and {codec_dir} do not hold the same codec")
     meta = json.loads((model_dir / CONFIG_NAME).read_text())
     meta["config"]["codec_path"] = os.path.relpath(codec_dir, model_dir)

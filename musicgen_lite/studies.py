@@ -23,7 +23,6 @@ import json
 import time
 from pathlib import Path
 
-
 STUDIES = ("patterns", "scaling", "text_encoders")
 PATTERN_STUDY = ("flatten", "delay", "parallel", "coarse_first", "partial_delay")
 # around the lite preset (256 x 6 layers): half and 1.5x the width, fewer and more layers
@@ -142,14 +141,13 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
         if left is not None and left <= 0:
             pending.append(name)
             continue
-        kwargs = {k: v for k, v in variant.items() if k != "name"}
         run_dir = runs_dir / study / name
         try:
             run = _train_variant(variant, run_dir, tokens, scale, steps, seed, lm, left, progress, train_options)
         except Exception as exc:  # T5 offline: record and go on with the others
             from .hub import HubUnreachableError
 
-            if isinstance(exc, (HubUnreachableError, OSError)) and kwargs.get("conditioner") == "t5":
+            if isinstance(exc, (HubUnreachableError, OSError)) and variant.get("conditioner") == "t5":
                 table["skipped"][name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 _write_atomic(out_json, table)
                 continue
@@ -195,9 +193,8 @@ def run_study(study: str, tokens, heldout_tokens, codec, out_json, runs_dir, ste
 def _train_variant(variant: dict, run_dir: Path, tokens, scale: str, steps: int, seed: int, lm, max_seconds,
                    progress: bool, train_options: dict) -> dict:
     """Train one variant as every study does (resumes ``run_dir``): :func:`train_lm`'s result."""
-    from .training import train_lm
-
     from .lm import LMConfig
+    from .training import train_lm
 
     kwargs = {k: v for k, v in variant.items() if k != "name"}
     kwargs.setdefault("lm", study_lm(LMConfig(**lm) if isinstance(lm, dict) else lm, scale))
@@ -228,26 +225,27 @@ def ship_study(table_json, runs_dir, out_dir, codec, heldout_tokens, agreement_c
                agreement_seconds: float = 4.0, max_seconds: float | None = None, progress: bool = True) -> dict:
     """Pack every finished variant of a study for shipping, and measure what packing costs.
 
-    Each row's trained model (``runs_dir/study/name/model``, written by :func:`run_study`; where
-    it is gone, the variant is trained again with the table's recipe and seed, resumable, and
-    ``max_seconds`` bounds that training) is checked to be the model the table scored (its
-    validation loss recomputed, within 1e-3 nats) and saved to ``out_dir/name`` with its large matrices in int8 and one scale per row
-    (:func:`musicgen_lite.hub.pack_int8`: a quarter of the fp32 bytes), its codec referenced
-    (``codec``, a folder holding the same weights) rather than copied. The stored model loads
-    with :meth:`MusicGen.load` like any other.
+    Each row's trained model (``runs_dir/study/name/model``, written by :func:`run_study`) is
+    checked to be the model the table scored (its validation loss recomputed, within 1e-3 nats)
+    and saved to ``out_dir/name`` with its large matrices in int8 and one scale per row
+    (:func:`musicgen_lite.hub.pack_int8`: a quarter of the fp32 bytes) and its codec referenced
+    (``codec``, a folder holding the same weights) rather than copied; it loads with
+    :meth:`MusicGen.load` like any other. A model no longer in ``runs_dir`` is trained again with
+    the table's recipe and seed (resumable; ``max_seconds`` bounds that training).
 
     What packing costs is measured on each model, not assumed: the validation loss on
-    ``heldout_tokens`` (same windows as the study) of the trained fp32 model and of the stored
-    one, and the share of greedy tokens on which they agree (:func:`musicgen_lite.int8.token_agreement`
-    on the first ``agreement_captions`` captions of ``heldout_tokens``, ``agreement_seconds`` each). Writes ``out_dir/packing.json``
-    and returns it: ``{"rows": [{"name", "val_loss_fp32", "val_loss_stored", "token_agreement",
-    "bytes"}], "study", "setup"}``.
+    ``heldout_tokens`` (the study's windows) of the trained fp32 model and of the stored one, and
+    the share of greedy tokens on which they agree (:func:`musicgen_lite.int8.token_agreement` on
+    the first ``agreement_captions`` captions of ``heldout_tokens``, ``agreement_seconds`` each).
+    Writes ``out_dir/packing.json`` (returned: ``{"study", "setup", "codec", "agreement", "rows":
+    [{"name", "val_loss_fp32", "val_loss_stored", "token_agreement", "bytes", "fp32_bytes"}]}``)
+    and the card ``out_dir/README.md`` (:func:`study_models_card`).
     """
     import os
 
     from .data.dataset import TokenDataset
     from .generation import MusicGen
-    from .hub import CONFIG_NAME, WEIGHTS_NAME, save_musicgen
+    from .hub import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, save_musicgen
     from .int8 import token_agreement
     from .training import LMTask, export_musicgen, validation_loss
 
@@ -294,9 +292,7 @@ def ship_study(table_json, runs_dir, out_dir, codec, heldout_tokens, agreement_c
               "agreement": {"captions": agreement_captions, "seconds": agreement_seconds}, "rows": rows}
     _write_atomic(out_dir / "packing.json", report)
     card = study_models_card(report, table)
-    tmp = out_dir / "README.md.tmp"
-    tmp.write_text(card)
-    tmp.replace(out_dir / "README.md")
+    _atomic_write(out_dir / "README.md", lambda tmp: Path(tmp).write_text(card))
     return report
 
 
