@@ -123,7 +123,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         result = evaluate(model, captions=args.captions, n=args.n, duration=args.duration, seed=args.seed,
                           melodies=args.melodies, batch_size=args.batch_size, progress=not args.quiet,
-                          text_only=not args.no_text_only, cfg_coef=args.cfg, top_k=args.top_k)
+                          text_only=not args.no_text_only, caption_metadata=args.caption_metadata,
+                          cfg_coef=args.cfg, top_k=args.top_k)
         result["setup"]["model"] = portable_path(args.model)
         print(format_table(result))
     out = Path(args.json)
@@ -428,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --melodies: skip the text-only reference (the same captions without the melody)")
     ev.add_argument("--captions", default=None,
                     help="dataset folder with captions + attributes (default: the synthetic held-out set, seed 999001)")
+    ev.add_argument("--caption-metadata", action="store_true",
+                    help="state every clip's key and bpm in its caption (where it does not already): does the "
+                         "model follow them?")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--cfg", type=float, default=None,
                     help="classifier-free guidance coefficient (default: the model's own, 3 unless its card says)")

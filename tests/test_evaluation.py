@@ -292,3 +292,32 @@ def test_mode_and_bpm_are_also_scored_on_only_the_captions_that_state_them():
     unstated = [info("a calm piece", "minor", 120)] * 2
     per = _Measures.accuracy_of(fake, {k: v[:2] for k, v in probs.items()}, unstated, bpms[:2])["per_attribute"]
     assert "mode_stated" not in per and "tempo_bpm_stated" not in per  # no caption says it: not scored, not 0
+
+
+def test_caption_metadata_states_every_key_and_bpm_and_keeps_what_was_said(refs, heldout):
+    """``evaluate(caption_metadata=True)``: the model is asked with captions that all name the
+    clip's key and bpm (the written words kept, the missing ones added), and every caption
+    then counts in ``mode_stated`` / ``tempo_bpm_stated``."""
+    from musicgen_lite.evaluation import caption_states, load_clips
+
+    class Recorder(NoiseModel):
+        def generate(self, descriptions, duration=10.0, seed=None, **kw):
+            self.asked = getattr(self, "asked", []) + list(descriptions)
+            return super().generate(descriptions, duration=duration, seed=seed)
+
+    tagger, clap = refs
+    kw = dict(captions=heldout, n=N, duration=SECONDS, tagger=tagger, clap=clap, progress=False)
+    plain, told = Recorder(), Recorder()
+    r_plain = evaluate(plain, **kw)
+    r_told = evaluate(told, caption_metadata=True, **kw)
+    infos = load_clips(heldout, N, SECONDS)[1]
+    assert plain.asked == [i["description"] for i in infos]
+    assert all(caption_states(c) == {"mode": True, "bpm": True} for c in told.asked)
+    for written, asked, info in zip(plain.asked, told.asked, infos):
+        assert asked.startswith(written.rstrip(" .,;"))  # the caption as written comes first
+        assert f"{int(round(float(info['bpm'])))} bpm" in asked or caption_states(written)["bpm"]
+        assert info["mode"] in asked
+    assert r_told["attribute_accuracy"]["stated"] == {"mode": N, "bpm": N, "clips": N}
+    assert r_told["setup"]["caption_metadata"] is True and r_plain["setup"]["caption_metadata"] is False
+    # the audio and the attributes it is scored against are the same: only the text changed
+    assert r_told["attribute_accuracy"]["per_attribute"]["mode"] == r_plain["attribute_accuracy"]["per_attribute"]["mode"]
