@@ -69,12 +69,19 @@ def _shared_band_mel(rec: torch.Tensor, ref: torch.Tensor, sample_rate: int, win
 
 
 @torch.no_grad()
-def codec_report(codec, clips: torch.Tensor, opus_kbps: float = 6.0, windows=(256, 512, 1024, 2048)) -> dict:
+def codec_report(codec, clips: torch.Tensor, opus_kbps: float = 6.0, windows=(256, 512, 1024, 2048),
+                 heard: bool = False) -> dict:
     """Quality of ``codec`` on ``clips [B, 1, N]`` (at ``codec.sample_rate``) per number of
     codebooks and of Opus at ``opus_kbps``: mean SI-SNR, mean shared-band mel distance, and the
-    mean shared bandwidth, per system. Also the codebook usage on these clips."""
+    mean shared bandwidth, per system. Also the codebook usage on these clips.
+
+    ``heard``: also what a listener follows first, measured (pYIN and an onset detector; a few
+    seconds per clip): ``melody_pitch`` / ``melody_chroma``, the share of the original's voiced
+    frames whose dominant f0 the system keeps within 50 cents (octave errors forgiven in the
+    second; :func:`~musicgen_lite.metrics.melody_accuracy`), and ``onset_f1``, the note onsets
+    kept within 50 ms (:func:`~musicgen_lite.metrics.onset_f1`), each a mean over the clips."""
     from .codec import si_snr
-    from .metrics import chroma_cosine_similarity
+    from .metrics import chroma_cosine_similarity, match_onsets, melody_scores, onset_times, pitch_track
 
     sr = codec.sample_rate
     systems: dict[str, list[torch.Tensor]] = {}
@@ -83,6 +90,9 @@ def codec_report(codec, clips: torch.Tensor, opus_kbps: float = 6.0, windows=(25
         systems[f"{k} codebook{'s' * (k > 1)}"] = list(codec.decode(codes[:, :k])[..., : clips.shape[-1]])
     systems[f"Opus {opus_kbps:g} kbps"] = [opus_roundtrip(c, sr, opus_kbps) for c in clips]
     rows = []
+    if heard:
+        ref_f0 = [pitch_track(c, sr) for c in clips]
+        ref_onsets = [onset_times(c, sr) for c in clips]
     for name, recs in systems.items():
         snr = [float(si_snr(r[None], c[None])) for r, c in zip(recs, clips)]
         chroma = [chroma_cosine_similarity(c[None], r[None], sr) for r, c in zip(recs, clips)]
@@ -91,6 +101,13 @@ def codec_report(codec, clips: torch.Tensor, opus_kbps: float = 6.0, windows=(25
         rows.append({"system": name, "kbps": round(kbps, 3), "si_snr": sum(snr) / len(snr),
                      "mel": sum(mels) / len(mels), "shared_band_hz": sum(bands) / len(bands),
                      "chroma_cosine": sum(chroma) / len(chroma)})
+        if heard:
+            melody = [melody_scores(f0, pitch_track(r, sr)) for f0, r in zip(ref_f0, recs)]
+            voiced = [m for m in melody if m["voiced_frames"]]
+            rows[-1].update({
+                "melody_pitch": sum(m["raw_pitch"] for m in voiced) / max(len(voiced), 1),
+                "melody_chroma": sum(m["raw_chroma"] for m in voiced) / max(len(voiced), 1),
+                "onset_f1": sum(match_onsets(o, onset_times(r, sr))["f1"] for o, r in zip(ref_onsets, recs)) / len(recs)})
     usage = [int(codes[:, k].unique().numel()) for k in range(codes.shape[1])]
     return {"rows": rows, "codebook_entries_used": usage, "clips": int(clips.shape[0]),
             "seconds_each": clips.shape[-1] / sr, "sample_rate": sr, "systems": systems}
@@ -190,12 +207,24 @@ def write_codec_card(folder, report: dict, facts: dict, listening: str = "") -> 
               "| system | kbps | SI-SNR (dB, higher better) | mel distance, shared band (lower better) | shared band (Hz) "
               "| chroma agreement (higher better) |",
               "|---|---|---|---|---|---|"]
+    heard = all("melody_pitch" in r for r in report["rows"])
+    if heard:
+        lines[-2] += " melody kept, pitch (within 50 cents) | melody kept, pitch class | onsets kept (F1, 50 ms) |"
+        lines[-1] += "---|---|---|"
     for r in report["rows"]:
         lines.append(f"| {r['system']} | {r['kbps']:.2f} | {r['si_snr']:.2f} | {r['mel']:.3f} | {r['shared_band_hz']:.0f} "
-                     f"| {r.get('chroma_cosine', float('nan')):.3f} |")
+                     f"| {r.get('chroma_cosine', float('nan')):.3f} |"
+                     + (f" {r['melody_pitch']:.3f} | {r['melody_chroma']:.3f} | {r['onset_f1']:.3f} |" if heard else ""))
     lines += ["", "Chroma agreement: the share of sounding frames whose dominant pitch class matches the "
               "original's (`metrics.chroma_cosine_similarity`, one-hot chroma): a pitch measure, where the mel "
-              "distance mostly judges the spectral envelope.", "",
+              "distance mostly judges the spectral envelope.", ""]
+    if heard:
+        lines += ["Melody and onsets kept: what a listener follows first, measured rather than heard. Melody: "
+                  "of the frames where pYIN finds a pitch in the original, the share where it finds the same "
+                  "pitch within 50 cents in the reconstruction (`metrics.melody_accuracy`; pitch class: octave "
+                  "errors forgiven). Onsets: the F-measure of the note onsets detected in both, matched within "
+                  "50 ms (`metrics.onset_f1`).", ""]
+    lines += [
               f"Codebook entries used on these clips, per level: {report['codebook_entries_used']}.", ""]
     if systems:
         lines += ["![spectrograms](spectrograms.png)", ""]
@@ -251,9 +280,10 @@ def export_with_card(run_dir, out_dir, command: str, listening: str = "", n_held
     mel32, mel16 = report["rows"][3]["mel"], half_report["rows"][3]["mel"]
     if mel16 > 1.01 * mel32:
         export_codec(run_dir, out_dir, dtype=None, inference_only=True)
-        report, stored = report, "fp32 (fp16 lost quality)"
+        stored = "fp32 (fp16 lost quality)"
     else:
-        report, stored = half_report, "fp16"
+        stored = "fp16"
+    report = codec_report(load_codec(out_dir), clips, heard=True)  # the stored weights, + melody and onsets
     facts = {
         "title": f"musicgen-lite codec, {config['sample_rate'] // 1000} kHz, {config['n_q']} x {config['bins']}, "
                  f"{config['sample_rate'] / math.prod(config['ratios']):g} frames/s",

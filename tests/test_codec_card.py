@@ -39,14 +39,18 @@ def test_report_and_card(tmp_path):
     with torch.no_grad():
         codec.train()(clips)  # k-means codebooks from these clips
     codec.eval()
-    report = codec_report(codec, clips)
+    report = codec_report(codec, clips, heard=True)
     names = [r["system"] for r in report["rows"]]
+    for r in report["rows"]:  # melody and onsets, as measured listening proxies
+        assert all(0 <= r[k] <= 1 for k in ("melody_pitch", "melody_chroma", "onset_f1"))
+        assert r["melody_chroma"] >= r["melody_pitch"]  # forgiving octaves can only add
     assert names == ["1 codebook", "2 codebooks", "3 codebooks", "4 codebooks", "Opus 6 kbps"]
     assert all(torch.isfinite(torch.tensor([r["si_snr"], r["mel"]])).all() for r in report["rows"])
     assert report["rows"][3]["kbps"] == pytest.approx(4 * 8 * 50 / 1000)  # tiny: 256 entries = 8 bits
     card = write_codec_card(tmp_path, report, {"title": "tiny codec", "steps": 0, "_probe": clips[0]})
     text = card.read_text()
     assert "Opus 6 kbps" in text and "| 4 codebooks |" in text and (tmp_path / "spectrograms.png").is_file()
+    assert "onsets kept (F1, 50 ms) |" in text and text.count("\n|---") == 1 and "\n|" + "---|" * 9 + "\n" in text
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
@@ -61,7 +65,7 @@ def test_export_with_card_from_a_training_run(tmp_path, synth_dataset):
     out = export_with_card(tmp_path / "run", tmp_path / "codec", command="musicgen-lite train codec RUN --scale tiny",
                            n_heldout=2, heldout_seconds=2.0, roundtrip_n=3, roundtrip_captions=synth_dataset)
     card = (out / "README.md").read_text()
-    assert "**steps**: 3" in card and "Opus 6 kbps" in card and "fp16" in card
+    assert "**steps**: 3" in card and "Opus 6 kbps" in card and "fp16" in card and "melody kept" in card
     assert "Through the evaluation models (3 held-out" in card and "| mode |" in card
     report = json.loads((out / "report.json").read_text())
     assert len(report["rows"]) == 5 and report["clips"] == 4

@@ -184,3 +184,58 @@ def test_family_top1_reads_the_most_probable_family():
     silent = torch.zeros(4, 9)  # "no family at all": 7-8 of 9 yes/no answers right, yet no instrument named
     yes_no = float(((silent > 0.5).float() == targets).float().mean())
     assert yes_no > 0.8 and family_top1(silent + torch.arange(9) * 1e-3, targets) == 0.25
+
+
+def _notes(freqs, onsets, sr=16_000, seconds=2.0, note=0.3):
+    """Harmonic tones (4 partials, decaying) starting at ``onsets`` (s), one frequency each, over
+    faint noise (in digital silence a note's fade-out reads as a spectral onset)."""
+    t = np.arange(int(sr * seconds)) / sr
+    y = np.zeros_like(t)
+    for f, t0 in zip(freqs, onsets):
+        seg = (t >= t0) & (t < t0 + note)
+        tt = t[seg] - t0
+        release = np.clip((note - tt) / 0.03, 0, 1)  # a 30 ms fade: no click at the note's end
+        y[seg] += sum(0.3 / k * np.sin(2 * np.pi * k * f * tt) for k in range(1, 5)) * np.exp(-3 * tt) * release
+    y += 1e-3 * np.random.default_rng(0).standard_normal(len(t))  # a floor, as any recording has
+    return torch.tensor(y, dtype=torch.float32)[None]
+
+
+def test_melody_accuracy_hears_the_line_a_semitone_off_and_forgives_octaves():
+    sr = 16_000
+    line = [220.0, 261.63, 329.63, 392.0, 329.63, 261.63]
+    onsets = [0.05 + 0.3 * i for i in range(6)]
+    ref = _notes(line, onsets, note=0.29)
+    same = metrics.melody_accuracy(ref, ref, sr)
+    assert same["raw_pitch"] == 1.0 and same["raw_chroma"] == 1.0 and same["voiced_frames"] > 50
+    up = metrics.melody_accuracy(ref, _notes([f * 2 ** (1 / 12) for f in line], onsets, note=0.29), sr)
+    assert up["raw_pitch"] < 0.1 and up["raw_chroma"] < 0.1  # 100 cents off: outside 50 cents
+    down = metrics.melody_accuracy(ref, _notes([f / 2 for f in line], onsets, note=0.29), sr)
+    assert down["raw_pitch"] < 0.1 and down["raw_chroma"] > 0.9  # an octave: the pitch class is kept
+    quiet = metrics.melody_accuracy(torch.zeros(1, sr), ref[..., :sr], sr)
+    assert quiet == {"raw_pitch": None, "raw_chroma": None, "voiced_frames": 0}
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.melody_accuracy(torch.full((1, sr), float("nan")), ref, sr)
+
+
+def test_onset_matching_is_the_one_to_one_f_measure():
+    r = metrics.match_onsets([0.5, 1.0, 1.5], [0.52, 1.2, 1.5, 2.0])
+    assert (r["precision"], r["recall"]) == (2 / 4, 2 / 3)
+    assert r["f1"] == pytest.approx(2 * (1 / 2) * (2 / 3) / (1 / 2 + 2 / 3))
+    assert metrics.match_onsets([1.0, 1.04], [1.03])["recall"] == 0.5  # one estimate matches one reference
+    assert metrics.match_onsets([], [])["f1"] == 1.0 and metrics.match_onsets([1.0], [])["f1"] == 0.0
+
+
+def test_onset_f1_hears_the_rhythm_and_not_a_shifted_one():
+    sr = 16_000
+    onsets = [0.1, 0.5, 0.9, 1.3, 1.5]  # legato: each note lasts until the next
+    durations = [0.4, 0.4, 0.4, 0.2, 0.6]
+
+    def notes(freq, shift=0.0):
+        return sum(_notes([freq], [t + shift], note=d) for t, d in zip(onsets, durations))
+
+    ref = notes(440.0)
+    assert len(metrics.onset_times(ref, sr)) == 5
+    assert metrics.onset_f1(ref, ref, sr)["f1"] == 1.0
+    assert metrics.onset_f1(ref, notes(330.0), sr)["f1"] == 1.0  # other pitch, same rhythm
+    late = metrics.onset_f1(ref, notes(440.0, shift=0.12), sr)
+    assert late["f1"] == 0.0 and late["reference"] == 5
