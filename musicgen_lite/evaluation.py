@@ -199,14 +199,30 @@ def caption_gain(model, wavs: torch.Tensor, sample_rate: int, captions: list[str
     (style, instruments, tempo, key, drums); a model that ignores it scores about 0. None for a
     model without a text conditioner or with a melody conditioner (its LM also expects chroma).
     """
-    from .audio import resample
-    from .training import LMTask
-
     if getattr(model, "conditioner", None) is None or getattr(model, "melody_conditioner", None) is not None:
         return None
     if len(captions) < 2 or len(captions) != wavs.shape[0]:
         raise ValueError(f"caption_gain needs one caption per clip and at least 2 clips, got {len(captions)} "
                          f"captions for {wavs.shape[0]} clips")
+    other = list(captions[1:]) + list(captions[:1])
+    per_clip, tokens = _caption_losses(model, wavs, sample_rate, {"own": captions, "other": other, "null": None},
+                                       seconds, batch_size)
+    return {**{k: round(v, 3) for k, v in per_clip.items()},
+            "gain_null": round(per_clip["null"] - per_clip["own"], 3),
+            "gain_other": round(per_clip["other"] - per_clip["own"], 3),
+            "clips": len(captions), "seconds": float(seconds), "tokens_per_clip": tokens,
+            "note": "nats per clip: the LM's loss on real clips with their own caption, the next clip's, and "
+                    "the null condition"}
+
+
+def _caption_losses(model, wavs: torch.Tensor, sample_rate: int, caption_sets: dict, seconds: float,
+                    batch_size: int) -> tuple[dict, int]:
+    """The LM's teacher-forced loss on the first ``seconds`` of ``wavs`` (its own codec's tokens)
+    under each list of captions in ``caption_sets`` (None: the null condition), as nats per clip
+    (mean loss per token times the tokens of one clip), averaged over the clips."""
+    from .audio import resample
+    from .training import LMTask
+
     wav = wavs.float().mean(1, keepdim=True)
     if sample_rate != model.sample_rate:
         wav = resample(wav, sample_rate, model.sample_rate)
@@ -214,26 +230,66 @@ def caption_gain(model, wavs: torch.Tensor, sample_rate: int, captions: list[str
     modes = [(m, m.training) for m in (model.lm, model.conditioner)]  # restored after: a fresh LMTask trains
     task = LMTask(model.lm, model.conditioner, model.pattern).eval()
     device = next(model.lm.parameters()).device
-    totals = {"own": 0.0, "other": 0.0, "null": 0.0}
-    other = list(captions[1:]) + list(captions[:1])
-    tokens = None
+    totals = dict.fromkeys(caption_sets, 0.0)
+    first = next(texts for texts in caption_sets.values() if texts is not None)
+    n, tokens = wav.shape[0], None
     with torch.no_grad():
-        for i in range(0, len(captions), batch_size):
+        for i in range(0, n, batch_size):
             codes = model.codec.encode(wav[i:i + batch_size].to(device))  # (B, K, T)
             tokens = codes.shape[1] * codes.shape[2]
             b = codes.shape[0]
-            totals["own"] += float(task(codes, captions[i:i + batch_size])[0]) * b
-            totals["other"] += float(task(codes, other[i:i + batch_size])[0]) * b
-            totals["null"] += float(task(codes, captions[i:i + batch_size], drop=True)[0]) * b
+            for name, texts in caption_sets.items():
+                if texts is None:  # the null condition: the first set's texts, dropped
+                    loss = task(codes, list(first[i:i + batch_size]), drop=True)[0]
+                else:
+                    loss = task(codes, list(texts[i:i + batch_size]))[0]
+                totals[name] += float(loss) * b
     for module, training in modes:
         module.train(training)
-    per_clip = {k: v / len(captions) * tokens for k, v in totals.items()}
-    return {**{k: round(v, 3) for k, v in per_clip.items()},
-            "gain_null": round(per_clip["null"] - per_clip["own"], 3),
-            "gain_other": round(per_clip["other"] - per_clip["own"], 3),
-            "clips": len(captions), "seconds": float(seconds), "tokens_per_clip": tokens,
-            "note": "nats per clip: the LM's loss on real clips with their own caption, the next clip's, and "
-                    "the null condition"}
+    return {k: v / n * tokens for k, v in totals.items()}, tokens
+
+
+_MODE_SWAP = {"major": "minor", "minor": "major", "Major": "Minor", "Minor": "Major"}
+
+
+def mode_swapped(caption: str) -> str:
+    """``caption`` with the words major and minor exchanged (unchanged when it names neither)."""
+    return re.sub(r"\b(major|minor|Major|Minor)\b", lambda m: _MODE_SWAP[m.group(1)], caption)
+
+
+def bpm_changed(caption: str) -> str:
+    """``caption`` with each stated bpm moved out of the +-10% window and off half/double: x1.5
+    below 110 bpm, x2/3 from 110 up (so 120 -> 80 and 80 -> 120, both outside any tolerance)."""
+    def move(m):
+        bpm = float(m.group(1))
+        return f"{int(round(bpm * 1.5 if bpm < 110 else bpm * 2 / 3))}{m.group(2)}{m.group(3)}"
+
+    return re.sub(r"\b(\d+(?:\.\d+)?)(\s*)(bpm)\b", move, caption, flags=re.IGNORECASE)
+
+
+def word_gain(model, wavs: torch.Tensor, sample_rate: int, captions: list[str], seconds: float = 4.0,
+              batch_size: int = 8) -> dict | None:
+    """Does the LM read the mode word and the bpm number? On the clips whose caption states
+    them (:func:`caption_states`), the LM's loss with the true caption against the same caption
+    with major and minor swapped (:func:`mode_swapped`) or the bpm moved (:func:`bpm_changed`),
+    in nats per clip: ``{"mode": {"clips", "gain"}, "bpm": {...}}``, ``gain`` = wrong - true
+    (about 0 when the word is ignored; positive when it is followed). None as :func:`caption_gain`.
+    """
+    if getattr(model, "conditioner", None) is None or getattr(model, "melody_conditioner", None) is not None:
+        return None
+    if len(captions) != wavs.shape[0]:
+        raise ValueError(f"word_gain needs one caption per clip, got {len(captions)} for {wavs.shape[0]} clips")
+    out = {"seconds": float(seconds)}
+    for name, change in (("mode", mode_swapped), ("bpm", bpm_changed)):
+        idx = [i for i, c in enumerate(captions) if caption_states(c)[name]]
+        if not idx:
+            out[name] = {"clips": 0, "gain": None}
+            continue
+        own = [captions[i] for i in idx]
+        losses, _ = _caption_losses(model, wavs[idx], sample_rate, {"own": own, "wrong": [change(c) for c in own]},
+                                    seconds, batch_size)
+        out[name] = {"clips": len(idx), "gain": round(losses["wrong"] - losses["own"], 3)}
+    return out
 
 
 def white_noise(like: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -511,6 +567,8 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
     k = min(n, 16)
     result["caption_gain"] = caption_gain(model, real[:k], EVAL_RATE, m.captions[:k], seconds=min(4.0, duration),
                                           batch_size=batch_size)
+    result["word_gain"] = word_gain(model, real, EVAL_RATE, m.captions, seconds=min(4.0, duration),
+                                    batch_size=batch_size)
     result["reference"] = reference
     result["setup"] = {
         "n": n, "duration": float(duration), "seed": seed, "captions": portable_path(folder),
@@ -586,6 +644,14 @@ def format_table(result: dict) -> str:
         lines.append(f"caption gain: {gain['gain_null']:.1f} nats per clip saved by the caption (vs none), "
                      f"{gain['gain_other']:.1f} lost to another clip's caption ({gain['clips']} real clips, "
                      f"first {gain['seconds']:g} s)")
+    words = result.get("word_gain")
+    if words:
+        said = []
+        for name in ("mode", "bpm"):
+            gain_w = words[name]["gain"]
+            said.append(f"{name} {'-' if gain_w is None else format(gain_w, '.1f')} nats ({words[name]['clips']} clips)")
+        lines.append("read the words? loss added by a wrong " + " and a wrong ".join(said)
+                     + f" (true caption vs major/minor swapped, bpm moved; first {words['seconds']:g} s)")
     models = {result["fad"]["embedder"], result["clap"]["model"]}
     if result.get("chroma_cosine"):
         models.add(result["chroma_cosine"]["extractor"])

@@ -120,6 +120,7 @@ def test_tiny_random_musicgen_gets_every_metric(refs, heldout):
     assert gain["clips"] == 4 and gain["seconds"] == 2.0 and gain["tokens_per_clip"] == 4 * 100
     assert gain["gain_null"] == pytest.approx(gain["null"] - gain["own"], abs=2e-3)
     assert "caption gain" in format_table(r)
+    assert set(r["word_gain"]) == {"mode", "bpm", "seconds"} and "read the words?" in format_table(r)
     # the same seed gives the same numbers
     again = evaluate(model, captions=heldout, n=4, duration=2.0, seed=0, batch_size=2, tagger=tagger, clap=clap,
                      progress=False, top_k=50)
@@ -321,3 +322,32 @@ def test_caption_metadata_states_every_key_and_bpm_and_keeps_what_was_said(refs,
     assert r_told["setup"]["caption_metadata"] is True and r_plain["setup"]["caption_metadata"] is False
     # the audio and the attributes it is scored against are the same: only the text changed
     assert r_told["attribute_accuracy"]["per_attribute"]["mode"] == r_plain["attribute_accuracy"]["per_attribute"]["mode"]
+
+
+def test_word_gain_swaps_only_the_mode_word_and_the_bpm_number():
+    from musicgen_lite.evaluation import bpm_changed, mode_swapped, word_gain
+
+    assert mode_swapped("Sad piano in D minor, a major-ish Minor mood, minority") == \
+        "Sad piano in D major, a minor-ish Major mood, minority"
+    assert bpm_changed("rock at 120 bpm, then 80bpm, 99.5 BPM") == "rock at 80 bpm, then 120bpm, 149 BPM"
+    for bpm in (60, 100, 109, 110, 150, 200):  # moved out of +-10% of the bpm, its half and its double
+        moved = int(bpm_changed(f"{bpm} bpm").split()[0])
+        assert all(abs(moved - bpm * f) > 0.1 * bpm * f for f in (0.5, 1.0, 2.0))
+    assert mode_swapped("no key here, 90 bpm") == "no key here, 90 bpm"
+
+    model = tiny_musicgen()
+    g = torch.Generator().manual_seed(0)
+    wavs = 0.1 * torch.randn(3, 1, 16_000, generator=g)
+    captions = ["calm piano in A minor, 80 bpm", "rock with drums in C major", "jazz trio"]
+    r = word_gain(model, wavs, 16_000, captions, seconds=1.0, batch_size=2)
+    assert r["mode"]["clips"] == 2 and r["bpm"]["clips"] == 1 and r["seconds"] == 1.0
+    assert math.isfinite(r["mode"]["gain"]) and math.isfinite(r["bpm"]["gain"])
+    # the gain is the loss under the altered captions minus the loss under the true ones, clip for clip
+    from musicgen_lite.evaluation import _caption_losses
+
+    losses, _ = _caption_losses(model, wavs[:1], 16_000, {"own": captions[:1], "wrong": [bpm_changed(captions[0])]},
+                                1.0, 2)
+    assert r["bpm"]["gain"] == pytest.approx(losses["wrong"] - losses["own"], abs=1e-3)
+    none = word_gain(model, wavs[2:], 16_000, captions[2:], seconds=1.0)
+    assert none["mode"] == {"clips": 0, "gain": None} and none["bpm"] == {"clips": 0, "gain": None}
+    assert word_gain(type("NoText", (), {"conditioner": None})(), wavs, 16_000, captions) is None
