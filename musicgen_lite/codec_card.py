@@ -276,14 +276,13 @@ def export_with_card(run_dir, out_dir, command: str, listening: str = "", n_held
     report = codec_report(full, clips)
     export_codec(run_dir, out_dir, dtype=torch.float16, inference_only=True)
     half = load_codec(out_dir)
-    half_report = codec_report(half, clips)
+    half_report = codec_report(half, clips, heard=True)  # the card's report when fp16 holds: + melody and onsets
     mel32, mel16 = report["rows"][3]["mel"], half_report["rows"][3]["mel"]
     if mel16 > 1.01 * mel32:
         export_codec(run_dir, out_dir, dtype=None, inference_only=True)
-        stored = "fp32 (fp16 lost quality)"
+        report, stored = codec_report(load_codec(out_dir), clips, heard=True), "fp32 (fp16 lost quality)"
     else:
-        stored = "fp16"
-    report = codec_report(load_codec(out_dir), clips, heard=True)  # the stored weights, + melody and onsets
+        report, stored = half_report, "fp16"
     facts = {
         "title": f"musicgen-lite codec, {config['sample_rate'] // 1000} kHz, {config['n_q']} x {config['bins']}, "
                  f"{config['sample_rate'] / math.prod(config['ratios']):g} frames/s",
