@@ -579,7 +579,8 @@ def from_transformers_musicgen(hf, tokenizer=None, max_duration: float = 30.0,
             conditioner.proj.weight.copy_(hf.enc_to_dec_proj.weight)
             conditioner.proj.bias.copy_(hf.enc_to_dec_proj.bias)
     codec = TransformersCodec(copy.deepcopy(hf.audio_encoder))
-    return MusicGen(codec, lm, conditioner, "delay", max_duration, extend_stride, cfg_coef=_guidance_scale(hf)).eval()
+    model = MusicGen(codec, lm, conditioner, "delay", max_duration, extend_stride, cfg_coef=_guidance_scale(hf))
+    return model.to(next(hf.parameters()).device).eval()  # where the transformers model is (a GPU run found parts left on the CPU)
 
 
 def from_transformers_musicgen_melody(hf, tokenizer=None, radix2_exp: int = 14, max_duration: float = 30.0,
@@ -623,8 +624,9 @@ def from_transformers_musicgen_melody(hf, tokenizer=None, radix2_exp: int = 14, 
         else:  # transformers feeds the chroma as it is
             melody.proj.weight.copy_(torch.eye(dim))
             melody.proj.bias.zero_()
-    return MusicGen(codec, lm, conditioner, "delay", max_duration, extend_stride,
-                    melody_conditioner=melody, cfg_coef=_guidance_scale(hf)).eval()
+    model = MusicGen(codec, lm, conditioner, "delay", max_duration, extend_stride,
+                     melody_conditioner=melody, cfg_coef=_guidance_scale(hf))
+    return model.to(next(hf.parameters()).device).eval()
 
 
 class _MissingTokenizer:
