@@ -239,6 +239,10 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
     extra.update({k: v for k, v in (("lr", args.lr), ("warmup", args.warmup),
                                     ("caption_metadata_p", args.caption_metadata_p),
                                     ("melody_mode", args.melody_mode)) if v is not None})
+    if args.caption_facts:
+        if args.conditioner == "none":
+            raise SystemExit("--caption-facts adds rows to the text condition: choose a --conditioner")
+        extra["caption_facts"] = True
     if args.caption_metadata_p is not None and not 0 <= args.caption_metadata_p <= 1:
         raise SystemExit(f"--caption-metadata-p must be in [0, 1], got {args.caption_metadata_p}")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
@@ -366,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--caption-metadata-p", type=float, default=None,
                     help="add the clip's key and bpm to a caption that does not say them, each with this "
                          "probability (default 0: the captions as written)")
+    tl.add_argument("--caption-facts", action="store_true",
+                    help="give the key and bpm a caption states to the LM as condition rows of their own "
+                         "(learned rows per tonic and mode, and for the bpm), beside the text encoder's states")
     tl.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
     tl.add_argument("--stop-after", type=int, default=None,
                     help="checkpoint and stop once this step is done, the schedule still planned for --steps "

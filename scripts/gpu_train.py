@@ -291,7 +291,7 @@ def run(args) -> int:
             raise _Skip
         init = REPO / "data" / "checkpoints" / "musicgen_lite"
         recipe = dict(batch_size=args.lite_batch, lr=args.lite_lr, warmup=args.lite_warmup, caption_metadata_p=0.8,
-                      segment_seconds=1.0 if args.tiny else 10.0, log_every=25)
+                      segment_seconds=1.0 if args.tiny else 10.0, log_every=25, caption_facts=args.caption_facts)
         lm_name = "tiny" if args.tiny else "lite"
         probe = training.train_lm(Path(args.scratch) / "probe", mix, scale="lite", lm=lm_name,
                                   conditioner="minilm", steps=args.probe_steps, device=str(device), progress=False,
@@ -300,6 +300,8 @@ def run(args) -> int:
         rate, _ = steady_rate(probe["log"], skip=args.probe_steps // 3)
         left = deadline - time.perf_counter() - args.reserve
         steps = max(args.chunk, int(rate * left * 0.85) // args.chunk * args.chunk)
+        if args.lite_steps:  # a fixed schedule (cosine to 0 at lite_steps), if the time allows it
+            steps = min(args.lite_steps, steps)
         emit(part="lite_plan", probe_steps_per_s=round(rate, 2), seconds_left=round(left), steps=steps,
              chunk=args.chunk, **recipe)
         run_dir = Path(args.scratch) / "lite"
@@ -369,7 +371,7 @@ def export(folder: Path, out_dir: Path) -> None:
     for f in sorted(folder.glob("lite_best_*.safetensors")):
         state.update(load_file(str(f)))
     cfg = LMConfig(**meta["config"])
-    text = get_conditioner(meta["extra"]["conditioner"], cfg.dim)
+    text = get_conditioner(meta["extra"]["conditioner"], cfg.dim, **(meta["extra"].get("conditioner_kwargs") or {}))
     for k, v in text.state_dict().items():  # the frozen encoder did not travel back: it is the package's
         state.setdefault(f"model.task.conditioner.{k}", v)
     run_dir = Path(out_dir).with_name(Path(out_dir).name + "_run")
@@ -398,7 +400,10 @@ def main(argv=None) -> int:
     r.add_argument("--lite-batch", type=int, default=32)
     r.add_argument("--lite-lr", type=float, default=5e-4)
     r.add_argument("--lite-warmup", type=int, default=200)
+    r.add_argument("--lite-steps", type=int, default=None,
+                   help="the lite run's schedule length (default: as many steps as the deadline allows)")
     r.add_argument("--probe-steps", type=int, default=60)
+    r.add_argument("--caption-facts", action="store_true", help="the lite run adds caption-fact rows (key, bpm)")
     r.add_argument("--chunk", type=int, default=500)
     r.add_argument("--parts", default="full,lite,gen", help="which parts to run (comma-separated)")
     e = sub.add_parser("export", help="returned weights -> a model folder")

@@ -112,3 +112,48 @@ def test_condition_dropout_whole_batch_with_probability_p():
     assert (ConditionDropout(p=1.0).train()(emb, mask)[1] == 0).all()
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         ConditionDropout(p=1.5)
+
+
+def test_caption_facts_read_the_stated_key_and_bpm():
+    from musicgen_lite.conditioning import caption_facts
+
+    assert caption_facts("mournful ambient soundscape in C# minor, slow, 71 bpm") == {
+        "tonic": 1, "mode": "minor", "bpm": 71.0}
+    assert caption_facts("Electronic: synth pad, 124 bpm, restless, F minor") == {"tonic": 5, "mode": "minor",
+                                                                                  "bpm": 124.0}
+    assert caption_facts("a quick rock piece in Eb major, around 97.5 BPM")["tonic"] == 3
+    assert caption_facts("a quick rock piece in Eb major, around 97.5 BPM")["bpm"] == 97.5
+    assert caption_facts("A quick rock piece in E major")["tonic"] == 4  # "A quick" is not a key
+    assert caption_facts("a sad tune in a minor key") == {"tonic": None, "mode": "minor", "bpm": None}
+    assert caption_facts("fast and bright, mid-tempo") == {"tonic": None, "mode": None, "bpm": None}
+    assert caption_facts("") == {"tonic": None, "mode": None, "bpm": None}
+
+
+def test_caption_fact_rows_appended_masked_and_learned():
+    """``caption_facts=True``: three rows after the text's own (tonic, mode, bpm), masked where the
+    caption is silent and for the null condition; the same fact gives the same row whatever the
+    words around it; the rows learn (gradients reach them)."""
+    torch.manual_seed(0)
+    plain = get_conditioner("learned", 16, dim=32)
+    torch.manual_seed(0)
+    cond = get_conditioner("learned", 16, dim=32, caption_facts=True)
+    texts = ["calm piano in D minor, 70 bpm", "loud rock at 150 bpm", "a gentle waltz", ""]
+    emb, mask = cond(texts)
+    base, base_mask = plain(texts)
+    L = base.shape[1]
+    assert emb.shape == (4, L + 3, 16) and mask.shape == (4, L + 3)
+    assert torch.equal(emb[:, :L], base) and torch.equal(mask[:, :L], base_mask)  # the text's rows unchanged
+    assert mask[:, L:].tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0], [0, 0, 0]]
+    assert float(emb[2:, L:].abs().sum()) == 0.0 and float(emb[1, L:L + 2].abs().sum()) == 0.0
+    again, _ = cond(["piano, D minor", "strings at 70 bpm in G major"])
+    tail = again.shape[1] - 3
+    assert torch.equal(again[0, tail + 1], emb[0, L + 1])  # minor is minor
+    assert torch.equal(again[1, tail + 2], emb[0, L + 2])  # 70 bpm is 70 bpm
+    assert not torch.equal(again[0, tail], again[1, tail])  # D is not G
+    near, far = cond(["72 bpm"])[0][0, -1], cond(["140 bpm"])[0][0, -1]
+    assert not torch.equal(near, emb[0, L + 2]) and not torch.equal(far, emb[0, L + 2])
+    emb[:, L:].pow(2).sum().backward()
+    facts = cond.facts
+    assert all(float(p.grad.abs().sum()) > 0 for p in (facts.tonic.weight, facts.mode.weight, facts.bpm.weight))
+    assert float(facts.tonic.weight.grad[[0, 1, 3, 4, 5, 6, 8, 9, 10, 11]].abs().sum()) == 0  # only D's row (and
+    assert float(facts.tonic.weight.grad[2].abs().sum()) > 0  # the masked zeros) take a gradient

@@ -438,3 +438,33 @@ def test_lm_init_from_a_run_or_a_model_folder(tmp_path, codec_and_tokens):
     src = first["model"].lm.state_dict()
     assert all(torch.equal(v, src[k]) for k, v in other.lm.state_dict().items())
     assert other.conditioner.proj.weight.shape[1] == 384  # MiniLM's width, not the learned encoder's
+
+
+def test_lm_caption_facts_from_a_model_without_them(tmp_path, codec_and_tokens):
+    """``caption_facts=True`` on top of a model without them (``init_from``): the LM and the
+    encoder's projection carry over exactly (lr 0), the fact rows start fresh; the export stores
+    ``kwargs`` so the loaded model conditions exactly as the trained one."""
+    from musicgen_lite.hub import load_musicgen, save_checkpoint
+    from musicgen_lite.training import export_musicgen, train_lm
+
+    codec, cache = codec_and_tokens
+    save_checkpoint(tmp_path / "codec", codec, codec.config.to_dict())
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False)
+    first = train_lm(tmp_path / "first", cache, steps=3, **kw)
+    source = export_musicgen(tmp_path / "first", tmp_path / "codec", tmp_path / "model", dtype=None)
+    facts = train_lm(tmp_path / "facts", cache, steps=2, init_from=source, caption_facts=True, lr=0.0,
+                     **kw)["model"]
+    src = first["model"]
+    assert all(torch.equal(v, src.lm.state_dict()[k]) for k, v in facts.lm.state_dict().items())
+    assert torch.equal(facts.conditioner.proj.weight, src.conditioner.proj.weight)
+    assert facts.conditioner.facts is not None and src.conditioner.facts is None
+    out = export_musicgen(tmp_path / "facts", tmp_path / "codec", tmp_path / "facts_model", dtype=None)
+    loaded = load_musicgen(out)
+    assert loaded.conditioner.facts is not None
+    texts = ["calm piano in D minor, 70 bpm", "rock"]
+    with torch.no_grad():
+        a, ma = facts.conditioner.eval()(texts)
+        b, mb = loaded.conditioner(texts)
+    assert torch.equal(ma, mb) and torch.allclose(a, b)
+    with pytest.raises(ValueError, match="conditioner"):
+        train_lm(tmp_path / "none", cache, steps=1, caption_facts=True, **{**kw, "conditioner": None})
