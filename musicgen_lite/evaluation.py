@@ -443,6 +443,17 @@ def _bpms(wav: torch.Tensor) -> list[float]:
     return [estimate_tempo(w, EVAL_RATE) for w in wav]
 
 
+def _rhythm_of(wav: torch.Tensor | None, bpms: list[float], infos: list[dict]) -> dict:
+    """How steady a beat the clips have (mean :func:`~musicgen_lite.metrics.pulse_clarity`) and how
+    well their tempo ranks with the captions' bpm (Spearman, None without bpms): a model can only
+    put a beat at the caption's bpm if it makes a beat at all. ``wav`` None: the correlation alone."""
+    from .metrics import pulse_clarity, rank_correlation
+
+    said = [i.get("bpm") for i in infos]
+    return {"pulse_clarity": None if wav is None else _mean(pulse_clarity(w, EVAL_RATE) for w in wav),
+            "tempo_rank_correlation": rank_correlation(bpms, said) if all(said) else None}
+
+
 def _chroma_of(melodies: torch.Tensor, wav: torch.Tensor) -> dict | None:
     try:
         value = chroma_cosine_similarity(melodies, wav, EVAL_RATE, radix2_exp=12)
@@ -528,6 +539,7 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
         "clap": m.clap_of(gen),
         "chroma_cosine": _chroma_of(mel_eval, gen) if mel_eval is not None else None,
         "attribute_accuracy": m.accuracy_of(gen_probs, infos, gen_bpm),
+        "rhythm": _rhythm_of(gen, gen_bpm, infos),
     }
     reference = {
         "real": {  # the held-out audio standing in for the model: the ceiling
@@ -535,17 +547,20 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
                     "note": f"first {half} real clips vs the other {n - half}: the FAD of two real sets this small"},
             "clap": m.clap_of(real),
             "attribute_accuracy": m.accuracy_of(m.real_probs, infos, real_bpm),
+            "rhythm": _rhythm_of(real, real_bpm, infos),
         },
         "shuffled": {  # real audio with another clip's caption: the chance level of paired metrics
             "kl": m.kl_of(m.real_probs, {k: v[m.shuffled] for k, v in m.real_probs.items()}),
             "clap": m.clap_of(real, order=m.shuffled),
             "attribute_accuracy": m.accuracy_of(m.real_probs, shuffled_infos, real_bpm),
+            "rhythm": _rhythm_of(None, real_bpm, shuffled_infos),
         },
         "noise": {  # white noise at the real clips' level: the floor
             "fad": m.fad_of(noise_emb, m.real_emb),
             "kl": m.kl_of(m.real_probs, noise_probs),
             "clap": m.clap_of(noise),
             "attribute_accuracy": m.accuracy_of(noise_probs, infos, noise_bpm),
+            "rhythm": _rhythm_of(noise, noise_bpm, infos),
         },
     }
     if mel_eval is not None:
@@ -555,13 +570,14 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
         if text_only:  # the same model and seeds without the melody: what the text alone gives
             plain = generate_all(model, m.captions, duration, seed=seed, batch_size=batch_size, progress=progress,
                                  **generate_kw)
-            plain_probs = m.probs(plain)
+            plain_probs, plain_bpm = m.probs(plain), _bpms(plain)
             reference["text_only"] = {  # every metric, so that the melody's cost or gain reads off one table
                 "fad": m.fad_of(m.embed(plain), m.real_emb),
                 "kl": m.kl_of(m.real_probs, plain_probs),
                 "chroma_cosine": _chroma_of(mel_eval, plain),
                 "clap": m.clap_of(plain),
-                "attribute_accuracy": m.accuracy_of(plain_probs, infos, _bpms(plain)),
+                "attribute_accuracy": m.accuracy_of(plain_probs, infos, plain_bpm),
+                "rhythm": _rhythm_of(plain, plain_bpm, infos),
                 "note": "the same captions and seeds generated without the melody",
             }
     k = min(n, 16)
@@ -627,6 +643,8 @@ def format_table(result: dict) -> str:
             ("attribute accuracy (mean)", ("attribute_accuracy", "mean"))]
     rows += [(f"  {k}", ("attribute_accuracy", "per_attribute", k))
              for k in (*ATTRIBUTES, "family_top1", "tempo_bpm", "mode_stated", "tempo_bpm_stated")]
+    rows += [("pulse clarity (steady beat)", ("rhythm", "pulse_clarity")),
+             ("tempo rank corr. with caption", ("rhythm", "tempo_rank_correlation"))]
     width = max(len(r[0]) for r in rows) + 2
     lines = [f"{'':<{width}}" + "".join(f"{name:>11}" for name, _ in columns)]
     for label, path in rows:

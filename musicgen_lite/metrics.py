@@ -692,3 +692,46 @@ def match_onsets(ref: np.ndarray, est: np.ndarray, tolerance: float = 0.05) -> d
 def onset_f1(ref_wav, est_wav, sample_rate: int, tolerance: float = 0.05) -> dict:
     """Rhythm kept, as heard: :func:`match_onsets` of the onsets detected in both signals."""
     return match_onsets(onset_times(ref_wav, sample_rate), onset_times(est_wav, sample_rate), tolerance)
+
+
+def pulse_clarity(wav, sample_rate: int, min_bpm: float = 50.0, max_bpm: float = 200.0, hop: int = 512) -> float:
+    """How steady a beat the audio has, 0 to 1: the highest peak of the onset-strength
+    envelope's autocorrelation (mean removed, 1 at lag 0) at a beat period between ``min_bpm``
+    and ``max_bpm``. A metronome scores near 1; noise, or notes at random times, near 0. A tempo
+    can only be estimated (and followed) where there is a pulse: the held-out clips score about
+    0.63, and a model whose clips score far lower has no beat to put at the caption's bpm.
+    Silence scores 0."""
+    import librosa
+
+    env = librosa.onset.onset_strength(y=_mono(wav), sr=sample_rate, hop_length=hop)
+    env = env - env.mean()
+    fps = sample_rate / hop
+    lo, hi = int(math.floor(fps * 60 / max_bpm)), int(math.ceil(fps * 60 / min_bpm))
+    if len(env) <= hi or not np.any(env):
+        return 0.0
+    ac = librosa.autocorrelate(env, max_size=hi + 1)
+    return float(np.clip(ac[lo:hi + 1].max() / ac[0], 0.0, 1.0)) if ac[0] > 0 else 0.0
+
+
+def rank_correlation(a, b) -> float | None:
+    """Spearman's rank correlation of two equal-length sequences (average ranks for ties); None
+    for fewer than 3 values or a constant one."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"rank_correlation needs two 1-D sequences of one length, got {a.shape} and {b.shape}")
+    if len(a) < 3:
+        return None
+
+    def ranks(x):
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for v in np.unique(x):  # ties share their mean rank
+            tie = x == v
+            r[tie] = r[tie].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])

@@ -144,6 +144,16 @@ def test_perfect_model_beats_noise_and_kl_of_identical_distributions_is_zero(ref
     bpm_real = perfect["attribute_accuracy"]["per_attribute"]["tempo_bpm"]
     assert bpm_real >= 0.5 and bpm_real > noise["attribute_accuracy"]["per_attribute"]["tempo_bpm"]
     assert perfect["clap"]["value"] == pytest.approx(perfect["reference"]["real"]["clap"]["value"])
+    # rhythm: the real clips have a beat (pulse clarity) whose tempo ranks with their captions' bpm;
+    # noise has neither, and another clip's caption's bpm does not rank with a clip's tempo
+    assert perfect["rhythm"] == perfect["reference"]["real"]["rhythm"]
+    assert perfect["rhythm"]["pulse_clarity"] > noise["rhythm"]["pulse_clarity"] + 0.2
+    # (the rank correlation needs more and longer clips than these to mean much: 0.60 on the 100
+    # held-out clips of 6 s; here only its presence and range)
+    assert -1 <= perfect["rhythm"]["tempo_rank_correlation"] <= 1
+    assert perfect["reference"]["shuffled"]["rhythm"]["pulse_clarity"] is None
+    assert -1 <= perfect["reference"]["shuffled"]["rhythm"]["tempo_rank_correlation"] <= 1
+    assert "pulse clarity" in format_table(perfect)
 
     assert noise["fad"]["value"] > 10 * max(1.0, perfect["fad"]["value"])
     assert noise["kl"]["kl_ref_gen"] > 0.5

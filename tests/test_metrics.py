@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -239,3 +240,43 @@ def test_onset_f1_hears_the_rhythm_and_not_a_shifted_one():
     assert metrics.onset_f1(ref, notes(330.0), sr)["f1"] == 1.0  # other pitch, same rhythm
     late = metrics.onset_f1(ref, notes(440.0, shift=0.12), sr)
     assert late["f1"] == 0.0 and late["reference"] == 5
+
+
+def _clicks(times, sr: int = 16_000, seconds: float = 6.0, seed: int = 0) -> torch.Tensor:
+    """Short noise bursts (25 ms, decaying) at ``times``: a drum-like click track."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros(int(seconds * sr), dtype=np.float32)
+    burst = (rng.standard_normal(400) * np.hanning(800)[400:]).astype(np.float32)
+    for t in times:
+        i = int(t * sr)
+        x[i:i + 400] += burst[: len(x[i:i + 400])]
+    return torch.from_numpy(x)[None]
+
+
+def test_pulse_clarity_hears_a_steady_beat_and_not_random_hits():
+    from musicgen_lite.metrics import pulse_clarity
+
+    sr = 16_000
+    steady = [pulse_clarity(_clicks(np.arange(0, 6, 60 / bpm)), sr) for bpm in (72, 90, 120, 150)]
+    rng = np.random.default_rng(1)
+    scattered = [pulse_clarity(_clicks(np.sort(rng.uniform(0, 6, 12)), seed=k), sr) for k in range(4)]
+    assert min(steady) > 0.6 and max(scattered) < 0.35
+    assert pulse_clarity(torch.randn(1, 6 * sr, generator=torch.Generator().manual_seed(0)) * 0.1, sr) < 0.2
+    assert pulse_clarity(torch.zeros(1, 6 * sr), sr) == 0.0
+    assert pulse_clarity(_clicks([0.5, 1.0], seconds=1.0), sr) == 0.0  # too short for a 50 bpm period
+
+
+def test_rank_correlation_is_spearmans():
+    from musicgen_lite.metrics import rank_correlation
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties take their mean rank: ranks (0.5, 0.5, 2) against (0, 1, 2) -> 0.866
+    assert rank_correlation([1, 1, 2], [3, 4, 5]) == pytest.approx(math.sqrt(3) / 2)
+    # the Pearson correlation of the ranks, computed by hand for a shuffled case
+    a, b = [3.0, 1.0, 4.0, 1.5, 5.0], [2.0, 7.0, 1.0, 8.0, 2.5]
+    ra, rb = np.array([2, 0, 3, 1, 4.0]), np.array([1, 3, 0, 4, 2.0])
+    assert rank_correlation(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+    assert rank_correlation([1, 2], [2, 1]) is None and rank_correlation([1, 1, 1], [1, 2, 3]) is None
+    with pytest.raises(ValueError, match="one length"):
+        rank_correlation([1, 2, 3], [1, 2])
