@@ -70,9 +70,8 @@ def caption_facts(text: str) -> dict:
     mode alone; ``"fast"`` -> nothing (a word, not a number). The tonic needs its capital letter
     ("a major" is not read as A major)."""
     text = text or ""
-    key = _KEY_NAME.search(text)
-    mode = key.group(2) if key else (_MODE_NAME.search(text).group(1).lower() if _MODE_NAME.search(text) else None)
-    bpm = _BPM_VALUE.search(text)
+    key, mode, bpm = _KEY_NAME.search(text), _MODE_NAME.search(text), _BPM_VALUE.search(text)
+    mode = key.group(2) if key else (mode.group(1).lower() if mode else None)
     return {"tonic": _PITCH_CLASS[key.group(1)] if key else None, "mode": mode,
             "bpm": float(bpm.group(1)) if bpm and float(bpm.group(1)) > 0 else None}
 

@@ -389,8 +389,6 @@ class _Measures:
         return {"value": clap_score(text, audio), "model": self.clap_id}
 
 
-_MODE_WORD = re.compile(r"\b(major|minor)\b", re.IGNORECASE)
-_BPM_NUMBER = re.compile(r"\b\d+(\.\d+)?\s*bpm\b", re.IGNORECASE)
 
 
 def caption_states(caption: str) -> dict:
@@ -398,7 +396,10 @@ def caption_states(caption: str) -> dict:
     (the word major or minor; a number followed by bpm). Of our 100 held-out captions 40 name a
     mode and 40 a bpm, so ``mode_stated`` and ``tempo_bpm_stated`` score only the clips whose
     caption says it."""
-    return {"mode": bool(_MODE_WORD.search(caption or "")), "bpm": bool(_BPM_NUMBER.search(caption or ""))}
+    from .conditioning import caption_facts
+
+    facts = caption_facts(caption)
+    return {"mode": facts["mode"] is not None, "bpm": facts["bpm"] is not None}
 
 
 def _has_attributes(info: dict) -> bool:

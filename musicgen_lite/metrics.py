@@ -709,8 +709,8 @@ def pulse_clarity(wav, sample_rate: int, min_bpm: float = 50.0, max_bpm: float =
     lo, hi = int(math.floor(fps * 60 / max_bpm)), int(math.ceil(fps * 60 / min_bpm))
     if len(env) <= hi or not np.any(env):
         return 0.0
-    ac = librosa.autocorrelate(env, max_size=hi + 1)
-    return float(np.clip(ac[lo:hi + 1].max() / ac[0], 0.0, 1.0)) if ac[0] > 0 else 0.0
+    ac = librosa.autocorrelate(env, max_size=hi + 1)  # ac[0] > 0: env is not all zero
+    return float(np.clip(ac[lo:hi + 1].max() / ac[0], 0.0, 1.0))
 
 
 def rank_correlation(a, b) -> float | None:

@@ -57,16 +57,13 @@ MAX_FILE = 15 * 2 ** 20  # files back from the GPU machine: at most 16 MB each
 def caption_variants(info: dict) -> list[str]:
     """Every caption :func:`~musicgen_lite.data.dataset.caption_for_training` can draw for a clip
     (key added or not, bpm added or not), and the null caption."""
-    from musicgen_lite.data.dataset import caption_for_training
-
-    out = {info.get("description", ""), ""}
-    for key_p in (0.0, 1.0):  # p = 1 adds whatever the caption lacks; p = 0 nothing; mixed draws below
-        out.add(caption_for_training(info, key_p, 0))
     text = info.get("description", "")
+    out = {text, ""}  # as written, and the null condition; then every combination of added key and bpm
+    # (a superset of the draws: caption_for_training adds only what the caption does not already say)
     key = info.get("key") or (f"{info['tonic']} {info['mode']}" if info.get("tonic") and info.get("mode") else None)
-    bpm = f"{int(round(float(info['bpm'])))} bpm" if info.get("bpm") else None
-    for extras in ([key], [bpm], [key, bpm]):
-        extras = [e if e is None or e.endswith("bpm") else f"in {e}" for e in extras if e]
+    keys = [f"in {key}"] if key else []
+    bpms = [f"{int(round(float(info['bpm'])))} bpm"] if info.get("bpm") else []
+    for extras in (keys, bpms, keys + bpms):
         if extras:
             out.add(", ".join([text.rstrip(" .,;")] + extras) if text else ", ".join(extras))
     return sorted(out)
