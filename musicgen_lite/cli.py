@@ -81,6 +81,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sampling = dict(duration=args.duration, cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p,
                     temperature=args.temperature, seed=args.seed, progress=not args.quiet)
+    if args.bpm is not None:  # a beat-clock model only (checked, with a clear error, by the model)
+        sampling["bpm"] = args.bpm
     if args.melody is not None:
         if not hasattr(model, "generate_with_chroma"):
             raise ValueError("this model has no melody conditioning")
@@ -243,6 +245,8 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
         if args.conditioner == "none":
             raise SystemExit("--caption-facts adds rows to the text condition: choose a --conditioner")
         extra["caption_facts"] = True
+    if args.beat_clock:
+        extra["beat_clock"] = True
     if args.caption_metadata_p is not None and not 0 <= args.caption_metadata_p <= 1:
         raise SystemExit(f"--caption-metadata-p must be in [0, 1], got {args.caption_metadata_p}")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
@@ -373,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--caption-facts", action="store_true",
                     help="give the key and bpm a caption states to the LM as condition rows of their own "
                          "(learned rows per tonic and mode, and for the bpm), beside the text encoder's states")
+    tl.add_argument("--beat-clock", action="store_true",
+                    help="give the LM each clip's beat phase (from its bpm) at every step, and fit a tempo "
+                         "predictor for captions without a bpm (generate keeps the stated or predicted tempo)")
     tl.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
     tl.add_argument("--stop-after", type=int, default=None,
                     help="checkpoint and stop once this step is done, the schedule still planned for --steps "
@@ -417,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance coefficient (default: the model's own, 3 unless its card says)")
+    g.add_argument("--bpm", type=float, default=None,
+                   help="the tempo to keep (a model with a beat clock; default: the caption's bpm, else the "
+                        "model's guess from its words)")
     g.add_argument("--top-k", type=int, default=250)
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--temperature", type=float, default=1.0)

@@ -12,6 +12,10 @@
   :class:`~musicgen_lite.conditioning.MelodyConditioner`; its chroma prefix goes before the
   text states, ``cond = [chroma | text]``, and the LM (``condition_mode="prepend"``) reads
   ``[cond | tokens]``. Without a melody every row gets the null melody.
+- ``tempo`` (a beat-clock LM only, ``LMConfig.beat_clock``): a
+  :class:`~musicgen_lite.conditioning.TempoPredictor` that gives a caption stating no bpm its
+  likely one; each row's tempo becomes a beat clock (:func:`~musicgen_lite.lm.beat_clock`) whose
+  phase the LM reads at every step, dropped with the other conditions in the null rows.
 
 Generation fills a sequence ``seq[B, K, S + 1]`` step by step with a preallocated KV cache:
 the LM reads position ``s`` and its K heads predict step ``s + 1``; where the pattern has a
@@ -60,7 +64,7 @@ class MusicGen(nn.Module):
 
     def __init__(self, codec, lm: MusicLM, conditioner=None, pattern: Pattern | str = "delay",
                  max_duration: float = 30.0, extend_stride: float = 18.0, melody_conditioner=None,
-                 cfg_coef: float = DEFAULT_CFG):
+                 cfg_coef: float = DEFAULT_CFG, tempo=None):
         super().__init__()
         if melody_conditioner is not None and lm.config.condition_mode != "prepend":
             raise ValueError("a melody_conditioner needs an LM with condition_mode='prepend' "
@@ -84,6 +88,11 @@ class MusicGen(nn.Module):
         # the guidance this model was measured with: what generate() uses when not told (as
         # transformers keeps guidance_scale in a model's generation config); saved with the model
         self.cfg_coef = float(cfg_coef)
+        # an LM with a beat clock: the bpm of a caption that states none (a TempoPredictor; saved with the model)
+        self.tempo = tempo
+        if lm.config.beat_clock and self.pattern.name not in ("delay", "parallel"):
+            raise ValueError(f"a beat-clock LM counts one step per frame: pattern delay or parallel, "
+                             f"got {self.pattern.name!r}")
 
     @property
     def sample_rate(self) -> int:
@@ -179,6 +188,43 @@ class MusicGen(nn.Module):
             null[:, :mc.length], null_mask[:, :mc.length] = emb.to(null.dtype), mask.to(null_mask.dtype)
         return null, null_mask
 
+    def clock_bpms(self, descriptions, bpm=None) -> list[float | None] | None:
+        """The tempo each row's beat clock keeps (an LM with ``beat_clock``; None otherwise).
+
+        ``bpm``: a number for every row, or one per row (None entries fall back to the
+        caption); not given: the bpm the caption states, else the :attr:`tempo` predictor's
+        guess from its words, else none (an empty description: no clock, as the null condition).
+        """
+        descriptions = [d or "" for d in descriptions]
+        if not self.lm.config.beat_clock:
+            if bpm is not None:
+                raise ValueError("bpm: this model has no beat clock (its LM was trained without one)")
+            return None
+        given = [bpm] * len(descriptions) if bpm is None or isinstance(bpm, (int, float, str)) else list(bpm)
+        if len(given) != len(descriptions):
+            raise ValueError(f"bpm: {len(given)} tempos for {len(descriptions)} descriptions")
+        for b in given:
+            if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b)
+                                  or not 20 <= b <= 400):
+                raise ValueError(f"bpm must be a tempo between 20 and 400 beats per minute, got {b!r}")
+        if self.tempo is not None:
+            fallback = self.tempo.bpm_for(descriptions)
+        else:
+            from .conditioning import caption_facts
+
+            fallback = [caption_facts(d)["bpm"] if d.strip() else None for d in descriptions]
+        return [float(b) if b is not None else f for b, f in zip(given, fallback)]
+
+    def _clock(self, bpms, start: int, guided: bool):
+        """The beat clock of a window whose first step predicts frame ``start``: ``[B, 2]``, or
+        ``[2B, 2]`` with guidance (the null rows get none: the clock is dropped with the other conditions)."""
+        if bpms is None:
+            return None
+        from .lm import beat_clock
+
+        clock = beat_clock(bpms, self.frame_rate, start)
+        return torch.cat([clock, torch.zeros_like(clock)]) if guided else clock
+
     def _frames(self, duration, what: str = "duration") -> int:
         if not isinstance(duration, (int, float)) or not math.isfinite(duration) or duration <= 0:
             raise ValueError(f"{what} must be a positive number of seconds, got {duration!r}")
@@ -225,11 +271,14 @@ class MusicGen(nn.Module):
     @torch.no_grad()
     def _sample_window(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
                        top_k: int, top_p: float, temperature: float, generator, two_pass_cfg: bool,
-                       bar=None, null_cond=None, fast: bool = False, cuda_graph: bool | None = None) -> torch.Tensor:
-        """``T`` frames of codes ``[B, K, T]`` in one window; ``prompt[B, K, Tp]`` codes are kept."""
+                       bar=None, null_cond=None, fast: bool = False, cuda_graph: bool | None = None,
+                       bpms=None, start: int = 0) -> torch.Tensor:
+        """``T`` frames of codes ``[B, K, T]`` in one window; ``prompt[B, K, Tp]`` codes are kept.
+        ``bpms`` (a beat-clock LM, :meth:`clock_bpms`): each row's tempo, the window's first
+        step predicting frame ``start`` of the piece."""
         if fast:
             return self._sample_window_static(cond, cond_mask, T, prompt, B, cfg_coef, top_k, top_p, temperature,
-                                              generator, bar, null_cond, cuda_graph)
+                                              generator, bar, null_cond, cuda_graph, bpms, start)
         lm, pattern = self.lm, self.pattern
         seq, todo, first, S = self._start_window(T, prompt, B)
 
@@ -241,16 +290,17 @@ class MusicGen(nn.Module):
         rows = 2 * B if guided and not two_pass_cfg else B
         P = lm.prefix_length(cond)
         caches = [lm.new_cache(rows, P + S)] + ([lm.new_cache(B, P + S)] if guided and two_pass_cfg else [])
+        clock = self._clock(bpms, start, guided and not two_pass_cfg)  # two passes: the null pass has none
 
         def step(x: torch.Tensor) -> torch.Tensor:  # x: (B, K, s) new positions -> (B, K, bins) guided logits
-            c, m = (cond, cond_mask) if caches[0].pos == 0 else (None, None)
+            c, m, k = (cond, cond_mask, clock) if caches[0].pos == 0 else (None, None, None)
             if not guided:
-                return lm(x, c, m, cache=caches[0], last_only=True)[:, :, -1]
+                return lm(x, c, m, cache=caches[0], last_only=True, clock=k)[:, :, -1]
             if two_pass_cfg:
                 n, nm = (null, null_mask) if caches[1].pos == 0 else (None, None)
-                return sampling.cfg(lm(x, c, m, cache=caches[0], last_only=True)[:, :, -1],
+                return sampling.cfg(lm(x, c, m, cache=caches[0], last_only=True, clock=k)[:, :, -1],
                                     lm(x, n, nm, cache=caches[1], last_only=True)[:, :, -1], cfg_coef)
-            logits = lm(torch.cat([x, x]), c, m, cache=caches[0], last_only=True)[:, :, -1]
+            logits = lm(torch.cat([x, x]), c, m, cache=caches[0], last_only=True, clock=k)[:, :, -1]
             return sampling.cfg_from_batch(logits, cfg_coef)
 
         if bar is not None:
@@ -267,7 +317,7 @@ class MusicGen(nn.Module):
     @torch.no_grad()
     def _sample_window_static(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
                               top_k: int, top_p: float, temperature: float, generator, bar=None, null_cond=None,
-                              cuda_graph: bool | None = None) -> torch.Tensor:
+                              cuda_graph: bool | None = None, bpms=None, start: int = 0) -> torch.Tensor:
         """:meth:`_sample_window` with a static-shape step: no host sync inside the loop, and on
         CUDA one captured graph replayed per step (``cuda_graph=None``: when on CUDA).
 
@@ -313,7 +363,9 @@ class MusicGen(nn.Module):
         # prefill: the condition and every step before `first` (start token, prompt) in one forward
         x = seq[..., :first]
         sampler.refill()
-        commit(lm(torch.cat([x, x]) if guided else x, cond, cond_mask, cache=cache, last_only=True)[:, :, -1])
+        clock = self._clock(bpms, start, guided)  # kept in the cache: decode_step reads it from there
+        commit(lm(torch.cat([x, x]) if guided else x, cond, cond_mask, cache=cache, last_only=True,
+                  clock=clock)[:, :, -1])
         if bar is not None:
             bar.update(first)
         n = S - first  # steps left
@@ -330,7 +382,7 @@ class MusicGen(nn.Module):
                        cfg_coef: float | None = None, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0,
                        seed: int | None = None, num_samples: int | None = None, two_pass_cfg: bool = False,
                        progress: bool = True, melody=None, melody_sample_rate: int | None = None,
-                       fast: bool = False, cuda_graph: bool | None = None) -> torch.Tensor:
+                       fast: bool = False, cuda_graph: bool | None = None, bpm=None) -> torch.Tensor:
         """Tokens for ``duration`` seconds: ``codes[B, K, T]`` (the prompt included when given).
 
         ``descriptions``: list of texts (``""`` / None: unconditional rows); None with
@@ -341,7 +393,10 @@ class MusicGen(nn.Module):
         ``fast``: the static-shape loop (one CFG batch, sampling on the device, a CUDA graph on
         a GPU: ``cuda_graph=None`` decides by the device); greedy gives the same tokens as the
         plain loop, sampling other draws from the same distribution. ``cfg_coef`` None: the
-        model's own (:attr:`cfg_coef`, 3 unless its folder says otherwise).
+        model's own (:attr:`cfg_coef`, 3 unless its folder says otherwise). ``bpm`` (a model whose
+        LM has a beat clock): the tempo to keep, a number or one per row; None: the caption's
+        stated bpm, else the model's guess from its words (:meth:`clock_bpms`). The clock starts
+        on a beat at the first frame (a prompt's first frame, when given).
         """
         if cfg_coef is None:
             cfg_coef = self.cfg_coef
@@ -375,6 +430,7 @@ class MusicGen(nn.Module):
             if len(melody) != B:
                 raise ValueError(f"{len(melody)} melodies for {B} descriptions")
         cond, cond_mask = self.condition(descriptions, melody)
+        bpms = self.clock_bpms(descriptions, bpm)
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         opts = dict(B=B, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
                     generator=generator, two_pass_cfg=two_pass_cfg, fast=fast, cuda_graph=cuda_graph,
@@ -394,7 +450,8 @@ class MusicGen(nn.Module):
                 start = 0 if codes is None else codes.shape[-1] - keep  # first frame of this window
                 if melody is not None and start > 0:  # the melody as it sounds from this window on
                     cond, cond_mask = self.condition(descriptions, melody, melody_offset=start / self.frame_rate)
-                window = self._sample_window(cond, cond_mask, keep + new, context, bar=bar, **opts)
+                window = self._sample_window(cond, cond_mask, keep + new, context, bar=bar, bpms=bpms, start=start,
+                                             **opts)
                 codes = window if codes is None else torch.cat([codes, window[..., keep:]], dim=-1)
         finally:
             if bar is not None:

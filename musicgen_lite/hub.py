@@ -327,6 +327,8 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
               "conditioner": conditioner, "max_duration": model.max_duration, "extend_stride": model.extend_stride,
               "melody": melody_spec(melody) if melody is not None else None,
               "cfg_coef": model.cfg_coef}
+    if getattr(model, "tempo", None) is not None:  # a beat-clock model's tempo predictor (word weights)
+        config["tempo"] = model.tempo.to_dict()
     if codec_path is not None:
         config["codec_path"] = str(codec_path)
     return save_checkpoint(path, state, config, extra, dtype=dtype)
@@ -377,7 +379,7 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
     the config names one (``codec_path``), that folder relative to ``path``. The model is
     returned in eval mode.
     """
-    from .conditioning import MelodyConditioner, get_conditioner
+    from .conditioning import MelodyConditioner, TempoPredictor, get_conditioner
     from .generation import DEFAULT_CFG, MusicGen
     from .lm import LMConfig, MusicLM
 
@@ -417,7 +419,8 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
                              f"unexpected {unexpected[:3]})")
     model = MusicGen(codec, lm, conditioner, config.get("pattern", "delay"), config.get("max_duration", 30.0),
                      config.get("extend_stride", 18.0), melody_conditioner=melody,
-                     cfg_coef=config.get("cfg_coef", DEFAULT_CFG))
+                     cfg_coef=config.get("cfg_coef", DEFAULT_CFG),
+                     tempo=TempoPredictor.from_dict(config["tempo"]) if config.get("tempo") else None)
     return model.to(device).eval()
 
 

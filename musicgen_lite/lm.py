@@ -37,6 +37,14 @@ in one of two ways (``LMConfig.melody_mode``):
   a prefix whose rows sat at their frames' positions, and MusicGen's counted prefix still
   only 0.0004 after 1,500 steps.
 
+A beat clock (``LMConfig.beat_clock``; ours, not MusicGen's) gives every step the phase of
+a tempo's beats: ``forward(..., clock=beat_clock(bpm, frame_rate))`` adds to step ``s`` a
+learned map (``self.beat``, zero at init) of the sines and cosines of the beat count at the
+frame it predicts, over a half beat, a beat, two beats and a bar of four
+(:func:`clock_features`). Holding a steady pulse from its own past is what our small LM did
+not learn; with a clock, "a note starts now" is a function of one input. The clock is a
+condition like the text: the null rows of guidance go without it.
+
 For generation, :class:`KVCache` holds every layer's keys and values in buffers allocated
 once for the whole length (no concatenation per step), and the cross-attention keys and
 values of the condition are computed once per generation, at the first step; in prepend
@@ -83,6 +91,9 @@ class LMConfig:
     melody_mode: str = "prefix"
     melody_rows: int = 0  # "add": chroma rows at the head of cond (one training segment's chroma frames)
     melody_ratio: float = 0.0  # "add": token frames per chroma frame (50 Hz / 7.8125 Hz = 6.4)
+    # a beat clock (ours, not MusicGen's): the phase of a stated tempo's beats, added to every step's
+    # input through a learned map (:func:`clock_features`); ``forward(..., clock=...)``
+    beat_clock: bool = False
 
     @property
     def special(self) -> int:
@@ -125,6 +136,42 @@ def melody_index(steps: torch.Tensor, melody_rows: int, melody_ratio: float) -> 
     ``floor(max(s - 1, 0) / ratio)``, clamped to the last row (a chroma shorter than the
     sequence holds its last row)."""
     return ((steps - 1).clamp(min=0) / melody_ratio).floor().long().clamp(max=melody_rows - 1)
+
+
+CLOCK_PERIODS = (0.5, 1.0, 2.0, 4.0)  # beats: the half beat, the beat, two beats, a bar of four
+CLOCK_FEATURES = 2 * len(CLOCK_PERIODS) + 1  # sin and cos per period, and 1 where a clock is given
+
+
+def beat_clock(bpm, frame_rate: float, start_frame=0) -> torch.Tensor:
+    """Rows of the ``clock[B, 2]`` that :meth:`MusicLM.forward` takes: ``(beats per step, beats
+    at step 0)`` for tempos ``bpm`` (a number or one per row; None, 0 or NaN: no clock for that
+    row, the row ``(0, 0)``), with the first step at token frame ``start_frame`` (a number or
+    one per row) of a clip whose beats start at its time 0. Step ``s`` predicts (codebook 0 of)
+    frame ``start_frame + s``, at ``(start_frame + s) / frame_rate`` seconds: beat
+    ``(start_frame + s) * bpm / 60 / frame_rate``."""
+    bpm = [bpm] if bpm is None or isinstance(bpm, (int, float)) else list(bpm)
+    bpm = torch.tensor([float(b) if b is not None and math.isfinite(float(b)) and float(b) > 0 else 0.0
+                        for b in bpm], dtype=torch.float64)
+    start = torch.as_tensor(start_frame, dtype=torch.float64).expand_as(bpm)
+    per_step = bpm / 60.0 / frame_rate
+    return torch.stack([per_step, per_step * start], dim=1)  # (B, 2), fp64: the phase stays exact for hours
+
+
+def clock_features(clock: torch.Tensor, steps: torch.Tensor, periods: torch.Tensor | None = None) -> torch.Tensor:
+    """``clock[B, 2]`` (:func:`beat_clock`) at token steps ``steps[S]`` -> ``[B, S, CLOCK_FEATURES]``:
+    ``sin, cos(2 pi beats / p)`` for the periods ``p`` of :data:`CLOCK_PERIODS` (in beats) and a
+    1; all zeros for a row without a clock (beats per step 0). Computed in fp64 for the
+    phase (a float32 beat count loses its fraction after minutes), returned in fp32. ``periods``:
+    :data:`CLOCK_PERIODS` as a tensor on the device (made here if not given; a CUDA graph
+    cannot copy a new one from the host)."""
+    beats = clock[:, 1:2].double() + steps.double().view(1, -1) * clock[:, 0:1].double()  # (B, S)
+    if periods is None:
+        periods = torch.tensor(CLOCK_PERIODS, dtype=torch.float64, device=clock.device)
+    periods = periods.double()
+    angles = 2 * math.pi * torch.remainder(beats.unsqueeze(-1) / periods, 1.0)  # (B, S, P)
+    on = (clock[:, 0] > 0).view(-1, 1, 1).double()
+    feats = torch.cat([angles.sin(), angles.cos(), torch.ones_like(beats).unsqueeze(-1)], dim=-1) * on
+    return feats.float()
 
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -214,6 +261,7 @@ class KVCache:
         self.batch, self.max_len, self.pos = batch, max_len, 0
         self.prefix = 0  # positions taken by a prepended condition (prepend mode), counted in pos
         self.melody: torch.Tensor | None = None  # melody_mode "add": the chroma rows [B, melody_rows, D]
+        self.clock: torch.Tensor | None = None  # beat_clock: the rows' clock [B, 2] (beat_clock())
 
     @property
     def tokens(self) -> int:
@@ -222,7 +270,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = self.prefix = 0
-        self.melody = None
+        self.melody = self.clock = None
         self.cross = [None] * len(self.cross)
         self.cross_mask = self.cross_gate = None
 
@@ -371,6 +419,9 @@ class MusicLM(nn.Module):
         self.out_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.heads = nn.ModuleList(Linear(config.dim, config.bins)
                                    for _ in range(config.num_codebooks))
+        # the beat clock's map into the stream; zero at init, so adding it to a trained LM changes nothing
+        self.beat = Linear(CLOCK_FEATURES, config.dim) if config.beat_clock else None
+        self.register_buffer("clock_periods", torch.tensor(CLOCK_PERIODS), persistent=False)  # exact in bf16
         self._pos_table: torch.Tensor | None = None  # a cache, not state: see positions()
         self.reset_parameters()
 
@@ -388,6 +439,8 @@ class MusicLM(nn.Module):
             out = [block.attn.proj, block.fc2] + ([block.cross.proj] if self.config.has_cross_attention else [])
             for linear in out:
                 nn.init.normal_(linear.weight, std=std / math.sqrt(2 * (i + 1)))
+        if self.beat is not None:
+            nn.init.zeros_(self.beat.weight)
 
     def positions(self, n: int, device) -> torch.Tensor:
         """The first ``n`` (at least) rows of the position table ``[n, dim]``, fp32, computed once
@@ -404,7 +457,7 @@ class MusicLM(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, seq: torch.Tensor, cond: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False, clock: torch.Tensor | None = None) -> torch.Tensor:
         """``seq[B, K, S]`` token ids (``bins`` = special) -> ``logits[B, K, S, bins]``.
 
         ``cond[B, L, dim]``: condition states for cross-attention (None: unconditional);
@@ -416,6 +469,10 @@ class MusicLM(nn.Module):
         (positions ``cache.pos ..``), and the condition is read at the first call only.
         ``last_only``: apply the heads to the last position only (``S`` = 1 in the output),
         what a decoding step needs after a long prefill.
+        ``clock[B, 2]`` (an LM with ``beat_clock``; :func:`beat_clock`): each row's beat clock,
+        whose features (:func:`clock_features`) go through ``self.beat`` and are added to every
+        token step; a row ``(0, 0)`` or ``clock=None``: no clock. With a cache it is read at the
+        first call and kept for the later steps.
         """
         cfg = self.config
         if seq.dim() != 3 or seq.shape[1] != cfg.num_codebooks:
@@ -425,6 +482,8 @@ class MusicLM(nn.Module):
         x = sum(self.emb[k](seq[:, k]) for k in range(K))  # (B, S, D)
         if cfg.melody_mode == "add":  # the chroma rows leave cond and are added to the steps they describe
             x, cond, cond_mask = self._add_melody(x, cond, cond_mask, cache, start)
+        if clock is not None or (cache is not None and cache.clock is not None):
+            x = self._add_clock(x, clock, cache, start)
 
         prefix = 0  # prepend mode: the condition goes before the tokens, once (first call with a cache)
         if cfg.condition_mode == "prepend" and cond is not None and start == 0:
@@ -489,6 +548,26 @@ class MusicLM(nn.Module):
         steps = torch.arange(first, first + x.shape[1], device=x.device)
         return x + melody.index_select(1, melody_index(steps, rows, cfg.melody_ratio)).to(x.dtype), cond, cond_mask
 
+    def _add_clock(self, x, clock, cache, start):
+        """``x[B, S, D]`` (token steps) + the beat clock's map of each step's features. The clock
+        comes with the first call (kept in ``cache.clock``) or from the cache afterwards."""
+        if self.beat is None:
+            raise ValueError("this LM has no beat clock (config.beat_clock=False); pass clock=None")
+        if cache is not None and start > 0:
+            if clock is not None:
+                raise ValueError("the clock is given at the first call of a cached generation only")
+            clock, first = cache.clock, cache.tokens
+        else:
+            first = 0
+            if clock.dim() != 2 or clock.shape != (x.shape[0], 2):
+                raise ValueError(f"clock must be [B={x.shape[0]}, 2] (beats per step, beats at step 0), "
+                                 f"got {list(clock.shape)}")
+            clock = clock.to(x.device, torch.float64)
+            if cache is not None:
+                cache.clock = clock
+        steps = torch.arange(first, first + x.shape[1], device=x.device)
+        return x + self.beat(clock_features(clock, steps, self.clock_periods).to(x.dtype))
+
     def decode_step(self, seq: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step with static shapes: ``seq[B, K, 1]`` at cache position ``pos`` -> ``logits[B, K, bins]``.
 
@@ -511,6 +590,9 @@ class MusicLM(nn.Module):
         if cfg.melody_mode == "add" and cache.melody is not None:  # the chroma row of this step's frame
             row = melody_index(pos - cache.prefix, cfg.melody_rows, cfg.melody_ratio)  # (1,), on the device
             x = x + cache.melody.index_select(1, row).to(x.dtype)
+        if cache.clock is not None:  # this step's beat phase (its token step: pos less the prefix)
+            feats = clock_features(cache.clock, pos - cache.prefix, self.clock_periods)  # (B, 1, F)
+            x = x + self.beat(feats.to(x.dtype))
         x = x + self.positions(cache.max_len, seq.device).index_select(0, pos).to(x.dtype)  # + (1, D)
         positions = torch.arange(cache.max_len, device=seq.device)
         visible = (positions <= pos).view(1, 1, 1, cache.max_len)  # this step sees the prefix and itself
@@ -536,18 +618,18 @@ class MusicLM(nn.Module):
         return KVCache(self.config, batch, max_len, device=p.device, dtype=p.dtype)
 
     # -------------------------------------------------------------------------------- loss
-    def compute_loss(self, codes: torch.Tensor, pattern, cond=None, cond_mask=None):
+    def compute_loss(self, codes: torch.Tensor, pattern, cond=None, cond_mask=None, clock=None):
         """Teacher-forced cross-entropy of ``codes[B, K, T]`` under ``pattern``.
 
         Builds ``seq`` (special token at step 0 and in the pattern's gaps), reads
         ``seq[..., :-1]``, and maps the outputs back to frames with
         :meth:`Pattern.revert_logits`, so that every real token is scored exactly once and no
         gap is (nor a prefix position in prepend mode: :meth:`forward` returns token logits only). Returns ``(loss, per_codebook[K])``: the mean over codebooks, and each
-        codebook's mean cross-entropy in nats.
+        codebook's mean cross-entropy in nats. ``clock``: the beat clock (:meth:`forward`).
         """
         B, K, T = codes.shape
         seq, _ = pattern.build(codes, self.config.special)  # (B, K, S + 1)
-        logits = self(seq[..., :-1], cond, cond_mask)  # (B, K, S, bins)
+        logits = self(seq[..., :-1], cond, cond_mask, clock=clock)  # (B, K, S, bins)
         per_token = pattern.revert_logits(logits, T)  # (B, K, T, bins)
         ce = F.cross_entropy(per_token.flatten(0, 2).float(), codes.flatten(), reduction="none")
         per_codebook = ce.view(B, K, T).mean(dim=(0, 2))  # (K,)
@@ -582,6 +664,7 @@ def from_transformers_decoder(hf) -> MusicLM:
     with torch.device("meta"):  # no random init: every tensor is copied below
         lm = MusicLM(config)
     lm = lm.to_empty(device=device)
+    lm.clock_periods.copy_(torch.tensor(CLOCK_PERIODS))  # a buffer, not a weight: to_empty left it unset
     with torch.no_grad():
         for ours, theirs in zip(lm.emb, dec.embed_tokens):
             ours.weight.copy_(theirs.weight)

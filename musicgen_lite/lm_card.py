@@ -206,7 +206,10 @@ def write_lm_card(model_dir, run_dir, evaluation: dict | str | Path | None = Non
         "data": data_line,
         "language model": (f"{lm_cfg.get('num_layers')} layers, width {lm_cfg.get('dim')}, {lm_cfg.get('num_heads')} "
                            f"heads, feed-forward {lm_cfg.get('ffn_dim')}; pattern `{extra.get('pattern', 'delay')}`; "
-                           f"text conditioner `{extra.get('conditioner')}`"),
+                           f"text conditioner `{extra.get('conditioner')}`"
+                           + (f"; a beat clock (the tempo's beat phase at every step), the tempo of a caption "
+                              f"without a bpm guessed from {len(model.tempo.vocab)} caption words"
+                              if lm_cfg.get("beat_clock") and model.tempo is not None else "")),
         "parameters": ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in params.items()),
         "recipe": (f"batch {batch} x {seg:g} s, AdamW lr {opts.get('lr')} betas {tuple(opts.get('betas', ()))} weight "
                    f"decay {opts.get('weight_decay')}, {opts.get('warmup')} warmup steps then {opts.get('schedule')}, "

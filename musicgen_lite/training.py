@@ -535,7 +535,7 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
     ``cfg_coef``: the guidance the model generates with when not told otherwise (stored in
     its config; the one its evaluation used; None: MusicGen's 3).
     """
-    from .conditioning import MelodyConditioner, get_conditioner
+    from .conditioning import MelodyConditioner, TempoPredictor, get_conditioner
     from .data.dataset import codec_fingerprint
     from .generation import DEFAULT_CFG, MusicGen
     from .hub import load_codec, save_musicgen
@@ -562,7 +562,8 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
         seconds = float(meta["options"]["segment_seconds"])
         window = {"max_duration": seconds, "extend_stride": 0.6 * seconds}
     model = MusicGen(codec, lm, conditioner, meta.get("pattern", "delay"), melody_conditioner=melody,
-                     cfg_coef=DEFAULT_CFG if cfg_coef is None else cfg_coef, **window)
+                     cfg_coef=DEFAULT_CFG if cfg_coef is None else cfg_coef, **window,
+                     tempo=TempoPredictor.from_dict(meta["tempo"]) if meta.get("tempo") else None)
     info = {"step": meta.get("step"), "options": meta.get("options"), "tokens": meta.get("tokens"),
             "weights": "ema" if prefix == "model.ema." else "raw", **(extra or {})}
     return save_musicgen(model, out_dir, {"name": name, "kwargs": cond_kwargs} if name else None, info, dtype=dtype)
@@ -570,7 +571,7 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
 
 @torch.no_grad()
 def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: int = 64, batch_size: int = 16,
-                    captions: str = "true", melody: str = "true") -> dict:
+                    captions: str = "true", melody: str = "true", clock: bool = True) -> dict:
     """Mean per-token cross-entropy of ``task`` (an :class:`LMTask`, e.g. ``train_lm(...)["model"]``)
     on a held-out token cache: its first ``max_items`` full windows of ``segment_seconds``, in
     order (the same windows every call), captions (and chroma) as in training, no dropout.
@@ -578,7 +579,8 @@ def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: i
     rotation) or ``"null"`` (the null condition of guidance): how much a model reads its text is
     the loss it loses without it. ``melody`` (a melody task): ``"true"`` (each window's own
     chroma), ``"shuffled"`` (the next window's) or ``"null"`` (the null melody alone, the text
-    kept): how much the model reads its melody. Returns ``{"loss", "per_codebook", "windows"}`` (nats)."""
+    kept): how much the model reads its melody. An LM with a beat clock gets each window's clock
+    (:func:`window_clock`) unless ``clock=False``. Returns ``{"loss", "per_codebook", "windows"}`` (nats)."""
     if captions not in ("true", "shuffled", "null"):
         raise ValueError(f"captions must be 'true', 'shuffled' or 'null', got {captions!r}")
     if melody not in ("true", "shuffled", "null"):
@@ -615,6 +617,8 @@ def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: i
         if chromas is not None:
             kw["chroma"] = torch.stack(chromas[start:start + batch_size]).to(device)
             kw["drop_melody"] = melody == "null"
+        if clock and task.lm.config.beat_clock:
+            kw["clock"] = window_clock([i for _, i in chunk], data.fingerprint["frame_rate"]).to(device)
         loss, per_codebook = task(codes, texts if task.conditioner is not None else None, **kw)
         total += float(loss) * len(chunk)
         per_cb = per_codebook.float().cpu() * len(chunk) + (per_cb if per_cb is not None else 0)
@@ -630,7 +634,7 @@ def lm_train_options(scale: str) -> dict:
     base = dict(batch_size=16, segment_seconds=10.0, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup=200,
                 schedule="cosine", grad_clip=1.0, grad_accum=1, ema_decay=None, cond_dropout=0.3, amp="bf16",
                 log_every=25, checkpoint_every=250, fsdp=None, melody_dropout=0.0, cpu_amp=False,
-                caption_metadata_p=0.0, melody_mode="prefix", caption_facts=False)
+                caption_metadata_p=0.0, melody_mode="prefix", caption_facts=False, beat_clock=False)
     if scale == "lite":
         # bf16 autocast on CPUs with native bf16 too: a lite step (4 x 10 s, 1 thread) took 1.87 s
         # instead of 2.60 in fp32 on the project's machine
@@ -698,7 +702,7 @@ class LMTask(torch.nn.Module):
         self.pattern = get_pattern(pattern, lm.config.num_codebooks) if isinstance(pattern, str) else pattern
 
     def forward(self, codes: torch.Tensor, texts=None, drop: bool = False, chroma: torch.Tensor | None = None,
-                drop_melody: bool = False):
+                drop_melody: bool = False, clock: torch.Tensor | None = None):
         cond = mask = None
         if self.conditioner is not None:
             cond, mask = self.conditioner(list(texts))
@@ -716,7 +720,36 @@ class LMTask(torch.nn.Module):
             else:
                 cond = torch.cat([emb, cond.to(emb.dtype)], dim=1)  # (B, Lc + L, D): [chroma | text]
                 mask = torch.cat([emb_mask, mask.to(emb_mask.dtype)], dim=1)
-        return self.lm.compute_loss(codes, self.pattern, cond, mask)
+        if clock is not None and drop:  # the beat clock is a condition too: the null rows of guidance lack it
+            clock = torch.zeros_like(clock)
+        return self.lm.compute_loss(codes, self.pattern, cond, mask, clock=clock)
+
+
+def window_clock(infos, frame_rate: float) -> torch.Tensor:
+    """The beat clocks (:func:`~musicgen_lite.lm.beat_clock`) of token windows from a
+    :class:`~musicgen_lite.data.dataset.TokenDataset`: each clip's ``bpm`` from its caption
+    side file, its beats from the clip's time 0 (our renderings start on a beat), the window
+    from its ``start_frame``. A clip without a bpm gets no clock."""
+    from .lm import beat_clock
+
+    return beat_clock([info.get("bpm") for info in infos], frame_rate,
+                      [int(info.get("start_frame", 0)) for info in infos])
+
+
+def fit_tempo_predictor(tokens):
+    """A :class:`~musicgen_lite.conditioning.TempoPredictor` fitted on a token cache's captions and bpms."""
+    from .conditioning import TempoPredictor
+    from .data.dataset import TokenDataset
+
+    data = TokenDataset(tokens)
+    texts, bpms = [], []
+    for clip in data.clips:
+        side = data.root / clip["info"] if clip.get("info") else None
+        if side is not None and side.exists():
+            info = json.loads(side.read_text())
+            texts.append(info.get("description", ""))
+            bpms.append(info.get("bpm"))
+    return TempoPredictor.fit(texts, bpms)
 
 
 def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -> None:
@@ -740,6 +773,8 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
     if codec_fp is not None and codec_fp != fingerprint.get("codec"):
         raise ValueError(f"init_from={source}: trained on another codec's tokens than this run's")
     mismatch = {k: (config.get(k), v) for k, v in cfg.to_dict().items() if k in config and config[k] != v}
+    if cfg.beat_clock and not config.get("beat_clock"):  # a clock added by this run: the source's LM carries over
+        mismatch.pop("beat_clock", None)
     # a melody LM (prepend) from a text LM (cross-attention): everything but the cross-attention carries over
     cross_to_prepend = (cfg.condition_mode == "prepend" and config.get("condition_mode", "cross") == "cross")
     if cross_to_prepend:
@@ -754,9 +789,11 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
     if cross_to_prepend:
         own = task.lm.state_dict()
         lm_state = {k: v for k, v in lm_state.items() if k in own}  # drops the cross-attention weights
-        missing = sorted(set(own) - set(lm_state))
+        missing = sorted(set(own) - set(lm_state) - {"beat.weight"})
         if missing:
             raise ValueError(f"init_from={source}: the text LM lacks {missing[:4]}")
+    if cfg.beat_clock and "beat.weight" not in lm_state:  # a clock added by this run starts at zero: the same LM
+        lm_state["beat.weight"] = torch.zeros_like(task.lm.beat.weight)
     task.lm.load_state_dict(lm_state)
     if task.conditioner is not None and same_text:  # another text encoder starts fresh; the LM carries over
         own = task.conditioner.state_dict()
@@ -915,6 +952,12 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     if melody and opts["melody_mode"] == "add":  # chroma row i added to the token frames it covers
         cfg = replace(cfg, melody_mode="add", melody_rows=data.chroma_frames(segment_frames),
                       melody_ratio=fp["frame_rate"] / data.chroma_settings["frame_rate"])
+    tempo = None
+    if opts["beat_clock"]:  # each clip's bpm as a per-step beat clock; captions without one get a predicted bpm
+        if getattr(pattern, "name", pattern) not in ("delay", "parallel"):
+            raise ValueError(f"beat_clock needs a pattern with one step per frame (delay, parallel), got {pattern!r}")
+        cfg = replace(cfg, beat_clock=True)
+        tempo = fit_tempo_predictor(tokens)
     torch.manual_seed(seed)
     cond_kwargs = {"caption_facts": True} if opts["caption_facts"] else {}
     if cond_kwargs and not conditioner:
@@ -1003,6 +1046,7 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         texts = [caption_for_training(info, opts["caption_metadata_p"], f"captions:{seed}:{step}:{rank * local + j}")
                  for j, (_, info) in enumerate(items)]
         chroma = torch.stack([info["chroma"] for _, info in items]).to(device) if melody else None  # (b, Lc, C)
+        clock = window_clock([info for _, info in items], fp["frame_rate"]).to(device) if tempo is not None else None
         optimizer.zero_grad(set_to_none=True)
         total, per_cb = 0.0, torch.zeros(cfg.num_codebooks)
         micro = local // accum
@@ -1014,7 +1058,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
             ctx = model.no_sync() if (world > 1 and not sync and not use_fsdp) else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=use_amp):
                 melody_args = (chroma[sl], drop_melody) if melody else ()
-                loss, per_codebook = model(codes[sl], texts[sl], drop, *melody_args)
+                clock_kw = {"clock": clock[sl]} if clock is not None else {}
+                loss, per_codebook = model(codes[sl], texts[sl], drop, *melody_args, **clock_kw)
                 scaler.scale(loss / accum).backward()
             total += float(loss.detach()) / accum
             per_cb += per_codebook.detach().float().cpu() / accum
@@ -1050,6 +1095,10 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
                 no_melody = validation_loss(task, eval_tokens, opts["segment_seconds"],
                                             max_items=opts.get("eval_items", 64), melody="null")
                 extra_row["val_melody_gain"] = round(no_melody["loss"] - val["loss"], 5)
+            if tempo is not None:  # the clock alone: the loss without it (the text kept) minus val_loss
+                no_clock = validation_loss(task, eval_tokens, opts["segment_seconds"],
+                                           max_items=opts.get("eval_items", 64), clock=False)
+                extra_row["val_clock_gain"] = round(no_clock["loss"] - val["loss"], 5)
             if ema is not None:
                 extra_row["val_loss_ema"] = round(validation_loss(ema, eval_tokens, opts["segment_seconds"],
                                                                   max_items=opts.get("eval_items", 64))["loss"], 5)
@@ -1073,7 +1122,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
                                     {"losses": history, "options": opts, "conditioner": conditioner,
                                      "conditioner_kwargs": cond_kwargs, "pattern": pattern,
                                      "tokens": str(tokens), "token_fingerprint": fp,
-                                     "melody": melody_spec(melody_cond) if melody_cond is not None else None})
+                                     "melody": melody_spec(melody_cond) if melody_cond is not None else None,
+                                     "tempo": tempo.to_dict() if tempo is not None else None})
             if world > 1:
                 import torch.distributed as dist
 

@@ -95,6 +95,10 @@ def test_cli_generate_writes_wav_and_spectrogram(lm_run, tmp_path, capsys):
     assert sr == 16_000 and wav.shape[-1] == 8000
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "song.png" in capsys.readouterr().out
+    # --bpm: only a model with a beat clock keeps a tempo; this one says so
+    rc = main(["generate", "rock", "--model", str(model_dir), "--bpm", "120", "--duration", "0.5", "--quiet",
+               "-o", str(tmp_path / "b.wav")])
+    assert rc == 2 and "no beat clock" in capsys.readouterr().err
 
 
 def test_cli_generate_errors_are_clear(tmp_path, capsys):

@@ -468,3 +468,42 @@ def test_lm_caption_facts_from_a_model_without_them(tmp_path, codec_and_tokens):
     assert torch.equal(ma, mb) and torch.allclose(a, b)
     with pytest.raises(ValueError, match="conditioner"):
         train_lm(tmp_path / "none", cache, steps=1, caption_facts=True, **{**kw, "conditioner": None})
+
+
+def test_lm_beat_clock_from_a_model_without_one(tmp_path, codec_and_tokens):
+    """``beat_clock=True`` on top of a model without a clock: the LM carries over exactly (lr 0)
+    and its clock map starts at zero (the same LM); each window's clock comes from its clip's
+    bpm and start frame; the tempo predictor is fitted on the cache's captions and travels
+    with the export, and the loaded model keeps the stated tempo, else the predicted one."""
+    from musicgen_lite.data.dataset import TokenDataset
+    from musicgen_lite.hub import load_musicgen, save_checkpoint
+    from musicgen_lite.lm import beat_clock
+    from musicgen_lite.training import export_musicgen, fit_tempo_predictor, train_lm, window_clock
+
+    codec, cache = codec_and_tokens
+    save_checkpoint(tmp_path / "codec", codec, codec.config.to_dict())
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False)
+    first = train_lm(tmp_path / "first", cache, steps=2, **kw)
+    source = export_musicgen(tmp_path / "first", tmp_path / "codec", tmp_path / "model", dtype=None)
+    run = train_lm(tmp_path / "clock", cache, steps=2, init_from=source, beat_clock=True, lr=0.0,
+                   eval_tokens=cache, eval_every=2, **kw)
+    clocked, src = run["model"], first["model"]
+    assert clocked.lm.config.beat_clock and clocked.lm.beat.weight.abs().sum() == 0
+    assert all(torch.equal(v, clocked.lm.state_dict()[k]) for k, v in src.lm.state_dict().items())
+    assert run["log"][-1]["val_clock_gain"] == 0.0  # a zero clock map: the clock is worth nothing yet
+    # the windows' clocks: the clip's bpm, from the window's first frame
+    data = TokenDataset(cache, segment_frames=20, random_segments=True, seed=3)
+    infos = [data[i][1] for i in range(4)]
+    assert all(i["bpm"] > 0 for i in infos) and any(i["start_frame"] > 0 for i in infos)
+    torch.testing.assert_close(window_clock(infos, 50.0),
+                               beat_clock([i["bpm"] for i in infos], 50.0, [i["start_frame"] for i in infos]))
+    out = export_musicgen(tmp_path / "clock", tmp_path / "codec", tmp_path / "clock_model", dtype=None)
+    loaded = load_musicgen(out)
+    assert loaded.lm.config.beat_clock and loaded.tempo is not None
+    fitted = fit_tempo_predictor(cache)
+    assert loaded.tempo.to_dict() == fitted.to_dict() and fitted.fitted_on == 6
+    texts = [TokenDataset(cache)[0][1]["description"], "a piece at 97 bpm"]
+    assert loaded.clock_bpms(texts)[1] == 97.0
+    assert loaded.clock_bpms(texts)[0] == pytest.approx(fitted.bpm_for(texts[:1])[0])
+    with pytest.raises(ValueError, match="one step per frame"):
+        train_lm(tmp_path / "flat", cache, steps=1, beat_clock=True, pattern="flatten", **kw)
