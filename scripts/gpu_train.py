@@ -299,7 +299,8 @@ def run(args) -> int:
             raise _Skip
         init = REPO / "data" / "checkpoints" / "musicgen_lite"
         recipe = dict(batch_size=args.lite_batch, lr=args.lite_lr, warmup=args.lite_warmup, caption_metadata_p=0.8,
-                      segment_seconds=1.0 if args.tiny else 10.0, log_every=25, caption_facts=args.caption_facts)
+                      segment_seconds=1.0 if args.tiny else 10.0, log_every=25, caption_facts=args.caption_facts,
+                      beat_clock=args.beat_clock)
         lm_name = "tiny" if args.tiny else "lite"
         probe = training.train_lm(Path(args.scratch) / "probe", mix, scale="lite", lm=lm_name,
                                   conditioner="minilm", steps=args.probe_steps, device=str(device), progress=False,
@@ -412,6 +413,8 @@ def main(argv=None) -> int:
                    help="the lite run's schedule length (default: as many steps as the deadline allows)")
     r.add_argument("--probe-steps", type=int, default=60)
     r.add_argument("--caption-facts", action="store_true", help="the lite run adds caption-fact rows (key, bpm)")
+    r.add_argument("--beat-clock", action="store_true",
+                   help="the lite run gives the LM each clip's beat clock (from its bpm; the shipped default has one)")
     r.add_argument("--chunk", type=int, default=500)
     r.add_argument("--parts", default="full,lite,gen", help="which parts to run (comma-separated)")
     e = sub.add_parser("export", help="returned weights -> a model folder")
