@@ -12,9 +12,9 @@ from .hub import from_pretrained, from_transformers, load_checkpoint, load_codec
 from .training import evaluate_codec, export_codec, export_musicgen, train_codec, train_lm, validation_loss
 from . import sampling
 from .conditioning import (ChromaExtractor, ConditionDropout, LearnedTextConditioner, MelodyConditioner,
-                           SentenceConditioner, T5Conditioner, get_conditioner)
+                           SentenceConditioner, T5Conditioner, TempoPredictor, get_conditioner)
 from .generation import MusicGen, TransformersCodec, from_transformers_musicgen, from_transformers_musicgen_melody
-from .lm import KVCache, LMConfig, MusicLM, from_transformers_decoder, lm_config
+from .lm import KVCache, LMConfig, MusicLM, beat_clock, from_transformers_decoder, lm_config
 from .metrics import chroma_cosine_similarity, clap_score, fad, frechet_distance, kl_divergence
 from .data import AudioDataset, TokenDataset, build_token_cache, compose, compose_corpus, make_dataset, read_manifest, render, synth_clip, write_manifest
 
@@ -28,9 +28,9 @@ __all__ = [
     "from_pretrained", "from_transformers", "load_checkpoint", "load_codec", "load_musicgen", "save_checkpoint",
     "save_musicgen", "evaluate_codec", "export_codec", "export_musicgen", "train_codec", "train_lm", "validation_loss",
     "sampling", "ChromaExtractor", "ConditionDropout", "LearnedTextConditioner", "SentenceConditioner", "T5Conditioner",
-    "MelodyConditioner", "get_conditioner", "MusicGen", "TransformersCodec", "from_transformers_musicgen",
+    "MelodyConditioner", "TempoPredictor", "get_conditioner", "MusicGen", "TransformersCodec", "from_transformers_musicgen",
     "from_transformers_musicgen_melody",
-    "KVCache", "LMConfig", "MusicLM", "from_transformers_decoder", "lm_config",
+    "KVCache", "LMConfig", "MusicLM", "beat_clock", "from_transformers_decoder", "lm_config",
     "chroma_cosine_similarity", "clap_score", "fad", "frechet_distance", "kl_divergence",
     "AudioDataset", "AudioError", "TokenDataset", "build_token_cache", "SCALES", "ScaleConfig", "compose", "compose_corpus", "get_config",
     "load_audio", "make_dataset", "normalize_loudness", "normalize_peak", "read_manifest", "render",
