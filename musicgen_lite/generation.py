@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from . import sampling
-from .lm import MusicLM
+from .lm import CLOCK_PATTERNS, MusicLM
 from .patterns import Pattern, get_pattern
 
 
@@ -90,8 +90,8 @@ class MusicGen(nn.Module):
         self.cfg_coef = float(cfg_coef)
         # an LM with a beat clock: the bpm of a caption that states none (a TempoPredictor; saved with the model)
         self.tempo = tempo
-        if lm.config.beat_clock and self.pattern.name not in ("delay", "parallel"):
-            raise ValueError(f"a beat-clock LM counts one step per frame: pattern delay or parallel, "
+        if lm.config.beat_clock and self.pattern.name not in CLOCK_PATTERNS:
+            raise ValueError(f"a beat-clock LM counts one step per frame: pattern {' or '.join(CLOCK_PATTERNS)}, "
                              f"got {self.pattern.name!r}")
 
     @property

@@ -140,6 +140,7 @@ def melody_index(steps: torch.Tensor, melody_rows: int, melody_ratio: float) -> 
 
 CLOCK_PERIODS = (0.5, 1.0, 2.0, 4.0)  # beats: the half beat, the beat, two beats, a bar of four
 CLOCK_FEATURES = 2 * len(CLOCK_PERIODS) + 1  # sin and cos per period, and 1 where a clock is given
+CLOCK_PATTERNS = ("delay", "parallel")  # the clock counts one step per frame: patterns that keep to that
 
 
 def beat_clock(bpm, frame_rate: float, start_frame=0) -> torch.Tensor:
@@ -161,7 +162,7 @@ def clock_features(clock: torch.Tensor, steps: torch.Tensor, periods: torch.Tens
     """``clock[B, 2]`` (:func:`beat_clock`) at token steps ``steps[S]`` -> ``[B, S, CLOCK_FEATURES]``:
     ``sin, cos(2 pi beats / p)`` for the periods ``p`` of :data:`CLOCK_PERIODS` (in beats) and a
     1; all zeros for a row without a clock (beats per step 0). Computed in fp64 for the
-    phase (a float32 beat count loses its fraction after minutes), returned in fp32. ``periods``:
+    phase (a float32 beat count grows coarser as the clip goes on), returned in fp32. ``periods``:
     :data:`CLOCK_PERIODS` as a tensor on the device (made here if not given; a CUDA graph
     cannot copy a new one from the host)."""
     beats = clock[:, 1:2].double() + steps.double().view(1, -1) * clock[:, 0:1].double()  # (B, S)

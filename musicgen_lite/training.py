@@ -929,7 +929,7 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     from .conditioning import MelodyConditioner, get_conditioner
     from .data.dataset import TokenDataset, caption_for_training
     from .hub import melody_spec
-    from .lm import MusicLM, lm_config
+    from .lm import CLOCK_PATTERNS, MusicLM, lm_config
 
     rank, world = _dist()
     opts = lm_train_options(scale)
@@ -954,8 +954,9 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
                       melody_ratio=fp["frame_rate"] / data.chroma_settings["frame_rate"])
     tempo = None
     if opts["beat_clock"]:  # each clip's bpm as a per-step beat clock; captions without one get a predicted bpm
-        if getattr(pattern, "name", pattern) not in ("delay", "parallel"):
-            raise ValueError(f"beat_clock needs a pattern with one step per frame (delay, parallel), got {pattern!r}")
+        if getattr(pattern, "name", pattern) not in CLOCK_PATTERNS:
+            raise ValueError(f"beat_clock needs a pattern with one step per frame ({', '.join(CLOCK_PATTERNS)}), "
+                             f"got {pattern!r}")
         cfg = replace(cfg, beat_clock=True)
         tempo = fit_tempo_predictor(tokens)
     torch.manual_seed(seed)
