@@ -106,6 +106,49 @@ def test_kv_cache_decoding_equals_full_forward(hf_and_ours):
         lm(seq[..., :6], cache=cache)
 
 
+@pytest.mark.parametrize("L", [6, 40])  # 6 <= head dim 16: the folded cross-attention; 40: the plain one
+def test_lean_decoding_step_equals_the_modules(L):
+    """A one-position cached step without gradients runs ``_lean_blocks`` (a flat loop, the
+    cross-attention's projections folded into the condition): the same logits as the
+    modules' path and as one full forward, in fp32 to rounding, with a padded condition row
+    and a null one (CFG), across the 32-key switch of ``attention``; bf16 stays as close
+    to the full forward as the modules' path does."""
+    torch.manual_seed(0)
+    lm = MusicLM(lm_config("tiny", num_heads=4)).eval()  # dim 64: head dim 16
+    g = torch.Generator().manual_seed(5)
+    S = 40
+    seq = torch.randint(0, lm.config.bins + 1, (2, lm.config.num_codebooks, S), generator=g)
+    cond = torch.randn(2, L, lm.config.dim, generator=g)
+    mask = torch.ones(2, L, dtype=torch.long)
+    mask[0, L // 2:] = 0  # padded
+    mask[1] = 0  # the null condition
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, None)):
+        lm = lm.to(dtype)
+        c = cond.to(dtype)
+        outs = {}
+        with torch.no_grad():
+            full = lm(seq, c, mask).float()
+            for lean in (True, False):
+                lm.lean_decode = lean
+                cache = lm.new_cache(2, S)
+                steps = [lm(seq[..., :3], c, mask, cache=cache)]
+                steps += [lm(seq[..., s:s + 1], cache=cache) for s in range(3, S)]
+                outs[lean] = torch.cat(steps, dim=2).float()
+                folded = cache.cross_folded
+                assert (folded is not None and all(f is not None for f in folded)) == (lean and L <= 16)
+        if tol is not None:
+            torch.testing.assert_close(outs[True], outs[False], rtol=tol, atol=tol)
+            torch.testing.assert_close(outs[True], full, rtol=tol, atol=tol)
+        else:
+            err_lean, err_modules = (outs[True] - full).abs().max(), (outs[False] - full).abs().max()
+            assert err_lean <= 2 * err_modules + 1e-2, (err_lean, err_modules)
+            agree = (outs[True].argmax(-1) == full.argmax(-1)).float().mean()
+            assert agree > 0.9, agree
+    lm.lean_decode = True
+    with torch.no_grad(), pytest.raises(ValueError, match="KV cache holds 40"):
+        lm(seq[..., :1], cache=cache)
+
+
 def test_bf16_decoding_with_packed_weights_equals_the_plain_matmul():
     """bf16 decoding on a CPU multiplies by weights packed once in oneDNN's layout; the logits
     equal the plain ``F.linear`` ones, and a weight change repacks (no stale copy)."""
@@ -113,6 +156,7 @@ def test_bf16_decoding_with_packed_weights_equals_the_plain_matmul():
 
     torch.manual_seed(0)
     lm = MusicLM(lm_config("tiny")).eval().to(torch.bfloat16)
+    lm.lean_decode = False  # the modules' path in both (the lean step regroups the sums: test_lean_decoding_step)
     g = torch.Generator().manual_seed(3)
     seq = torch.randint(0, lm.config.bins, (2, lm.config.num_codebooks, 5), generator=g)
     cond = torch.randn(2, 3, lm.config.dim, generator=g).to(torch.bfloat16)
