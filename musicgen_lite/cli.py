@@ -202,6 +202,10 @@ def _cmd_train_codec(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     extra = {"freeze_encoder": True} if args.freeze_encoder else {}
+    if args.decoder_n_q is not None:
+        extra["decoder_n_q"] = args.decoder_n_q
+    if args.chroma_weight:
+        extra["chroma_weight"] = args.chroma_weight
     result = train_codec(args.out, scale=args.scale, steps=args.steps, data=args.data, resume=not args.fresh,
                          seed=args.seed, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
                          init_from=args.init_from, **extra)
@@ -351,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start a new run from this codec checkpoint folder (e.g. data/checkpoints/codec_lite)")
     tc.add_argument("--freeze-encoder", action="store_true",
                     help="train the decoder only: the codes (and token caches, LMs made from them) stay valid")
+    tc.add_argument("--decoder-n-q", type=int, default=None,
+                    help="with --freeze-encoder: decode from this many codebooks only (an LM uses all of them)")
+    tc.add_argument("--chroma-weight", type=float, default=0.0,
+                    help="weight of a chroma (pitch-class) loss beside the spectral ones (default 0: none)")
     tc.add_argument("--seed", type=int, default=0)
     tc.add_argument("--threads", type=int, default=2)
     tc.set_defaults(func=_cmd_train_codec)

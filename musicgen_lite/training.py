@@ -214,7 +214,8 @@ def codec_train_options(scale: str) -> dict:
                 l1_weight=0.1, mel_weight=1.0, adversarial=False, n_clips=64, clip_seconds=4.0, log_every=25,
                 sample_every=500, checkpoint_every=250,
                 mel_windows=(64, 128, 256, 512, 1024, 2048), mel_n_mels=64, stft_weight=0.0,
-                stft_windows=(512, 1024, 2048), zero_bias=True, corpus_clips=0, amp="auto", freeze_encoder=False)
+                stft_windows=(512, 1024, 2048), zero_bias=True, corpus_clips=0, amp="auto", freeze_encoder=False,
+                decoder_n_q=None, chroma_weight=0.0)
     if scale == "tiny":
         base.update(batch_size=4, segment_seconds=0.5, lr=1e-3, betas=(0.9, 0.999), warmup=5, n_clips=8,
                     clip_seconds=2.0, log_every=5, sample_every=0, checkpoint_every=50,
@@ -258,18 +259,23 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
             ``lr``, ``warmup``, ``grad_clip``, ``l1_weight``, ``mel_weight``, ``adversarial``,
             ``log_every``, ``sample_every``, ``checkpoint_every``, ``n_clips``, ``clip_seconds``,
             ``mel_windows``, ``schedule``, ``zero_bias``, ``corpus_clips``, ``mel_n_mels``,
-            ``stft_weight``, ``stft_windows``, ``amp``, ``freeze_encoder``). ``freeze_encoder``
+            ``stft_weight``, ``stft_windows``, ``amp``, ``freeze_encoder``, ``decoder_n_q``,
+            ``chroma_weight``). ``freeze_encoder``
             trains the decoder alone: the encoder and codebooks stay fixed, so the codes, and any
             token cache or LM made from them, stay valid (a run switching to it from joint
             training keeps the weights and starts a fresh optimizer for the decoder).
+            ``decoder_n_q`` (with ``freeze_encoder``): the decoder learns from this many levels
+            only, instead of every count that quantizer dropout draws (an LM always decodes
+            through all of its codebooks). ``chroma_weight``: adds
+            :class:`~musicgen_lite.codec.ChromaLoss` (the pitch classes) to the losses.
 
     Returns a summary dict: ``step``, ``losses`` (one per step of this call), ``log`` (the
     logged rows, with per-level codebook usage), ``checkpoint`` path, ``wall_seconds``.
     """
     from tqdm.auto import tqdm
 
-    from .codec import (Balancer, CodecConfig, CompressionModel, MultiResolutionSTFTLoss, MultiScaleMelLoss,
-                        MultiScaleSTFTDiscriminator,
+    from .codec import (Balancer, ChromaLoss, CodecConfig, CompressionModel, MultiResolutionSTFTLoss,
+                        MultiScaleMelLoss, MultiScaleSTFTDiscriminator,
                         adversarial_losses, codec_config, discriminator_loss)
 
     opts = codec_train_options(scale)
@@ -300,6 +306,9 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
         _zero_conv_biases(model)
     disc = MultiScaleSTFTDiscriminator().to(device) if opts["adversarial"] else None
     frozen = bool(opts["freeze_encoder"])
+    if opts["decoder_n_q"] is not None and not (frozen and 1 <= int(opts["decoder_n_q"]) <= cfg.n_q):
+        raise ValueError(f"decoder_n_q must be 1..{cfg.n_q} and goes with freeze_encoder=True, "
+                         f"got {opts['decoder_n_q']!r} (freeze_encoder={frozen})")
     if frozen:  # decoder-only: the codes (what an LM was trained on) stay exactly as they are
         for module in (model.encoder, model.quantizer):
             for p in module.parameters():
@@ -329,6 +338,7 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
     samples = int(round(opts["segment_seconds"] * cfg.sample_rate))
     mel = MultiScaleMelLoss(cfg.sample_rate, windows=tuple(opts["mel_windows"]), n_mels=opts["mel_n_mels"]).to(device)
     stft = MultiResolutionSTFTLoss(opts["stft_windows"]).to(device) if opts["stft_weight"] else None
+    chroma = ChromaLoss(cfg.sample_rate).to(device) if opts["chroma_weight"] else None
     probe = bank.batch(10**9, 1, min(samples * 4, max(w.shape[-1] for w in bank.wavs))).to(device)
     log_path = out_dir / "log.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,25 +364,31 @@ def train_codec(out_dir, scale: str = "lite", steps: int = 1000, data=None, resu
             group["lr"] = lr
         wav = bank.batch(step, opts["batch_size"], samples).to(device)  # (B, 1, N)
         n_q = None
-        if frozen:  # no codebook updates; the decoder still learns every level count (quantizer dropout)
+        if frozen:  # no codebook updates; the decoder learns every level count (quantizer dropout), or one
             model.encoder.eval(), model.quantizer.eval()
-            n_q = model.quantizer._draw_n_q(wav.shape[0], device)
+            n_q = int(opts["decoder_n_q"]) if opts["decoder_n_q"] is not None else \
+                model.quantizer._draw_n_q(wav.shape[0], device)
         with torch.autocast(**autocast):
             out = model(wav, n_q=n_q)
         rec = out.wav.float()
         l1 = F.l1_loss(rec, wav)
         mel_l = mel(rec, wav)
         stft_l = stft(rec, wav) if stft is not None else None
+        chroma_l = chroma(rec, wav) if chroma is not None else None
         optimizer.zero_grad(set_to_none=True)
         if disc is None:
             loss = opts["l1_weight"] * l1 + opts["mel_weight"] * mel_l + out.vq_loss
             if stft_l is not None:
                 loss = loss + opts["stft_weight"] * stft_l
+            if chroma_l is not None:
+                loss = loss + opts["chroma_weight"] * chroma_l
             loss.backward()
             loss = loss - out.vq_loss
             values = {"l1": float(l1.detach()), "mel": float(mel_l.detach())}
             if stft_l is not None:
                 values["stft"] = float(stft_l.detach())
+            if chroma_l is not None:
+                values["chroma"] = float(chroma_l.detach())
         else:
             adv, fm = adversarial_losses(disc, wav, rec)
             values = balancer.backward({"l1": l1, "mel": mel_l, "adv": adv, "fm": fm}, rec, out.vq_loss)

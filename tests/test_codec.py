@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from musicgen_lite.audio import AudioError
-from musicgen_lite.codec import (CODEC_PRESETS, CodecConfig, CompressionModel, MultiResolutionSTFTLoss,
+from musicgen_lite.codec import (CODEC_PRESETS, ChromaLoss, CodecConfig, CompressionModel, MultiResolutionSTFTLoss,
                                  MultiScaleMelLoss, codec_config,
                                  receptive_field, si_snr)
 from musicgen_lite.hub import from_transformers, load_checkpoint, load_codec, save_checkpoint
@@ -282,6 +282,37 @@ def test_stft_loss_values_and_pitch_resolution():
     assert fine.mels[0].n_mels == 256 and wide.mels[0].n_mels == 64
     assert fine(up, wav) > 1.4 * wide(up, wav)  # measured: 0.434 vs 0.293
     assert stft(up, wav) > stft(1.2 * wav, wav)
+
+
+def test_chroma_loss_hears_pitch_classes_as_librosa_does():
+    """ChromaLoss's chroma is librosa's ``chroma_stft`` (same window, hop, power spectrum, no
+    normalisation); the loss ignores level and octave and counts wrong notes: a C major triad
+    against itself an octave up or at half level costs ~0, against C minor (E -> Eb) one third
+    of the mass moved (2/3 in L1 for ideal filters; measured 0.51), against a semitone up
+    everything."""
+    import librosa
+    import numpy as np
+
+    sr = 16_000
+    t = torch.arange(2 * sr) / sr
+
+    def chord(*midi, scale=1.0):
+        return (scale * sum(0.2 * torch.sin(2 * math.pi * 440 * 2 ** ((m - 69) / 12) * t) for m in midi)).view(1, 1, -1)
+
+    loss = ChromaLoss(sr)
+    major = chord(60, 64, 67)
+    ours = loss.chroma(major)[0].numpy()
+    theirs = librosa.feature.chroma_stft(y=major.flatten().numpy(), sr=sr, n_fft=4096, hop_length=1024,
+                                         window="hann", center=True, norm=None, tuning=0.0)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3 * theirs.max())
+    assert loss(major, major).item() == 0.0
+    assert loss(chord(72, 76, 79), major).item() < 0.1  # the same triad an octave up
+    assert loss(0.5 * major, major).item() < 0.01  # level hardly matters (measured 0.003: the silence floor)
+    minor = loss(chord(60, 63, 67), major).item()
+    assert 0.4 < minor < 0.8, minor  # one note of three moved
+    off = loss(chord(61, 65, 68), major).item()  # every note a semitone off: 2 for ideal filters,
+    assert off > 1.2 and off > 2 * minor, off  # measured 1.45 (librosa's filters overlap their neighbours)
+    assert torch.isfinite(loss(torch.zeros_like(major), major)) and loss(major, torch.zeros_like(major)).item() == 0.0
 
 
 def test_checkpoint_roundtrip_is_atomic_and_unpickled(tmp_path):

@@ -140,6 +140,29 @@ def test_decoder_only_training_keeps_the_codes(tmp_path, synth_dataset):
     assert torch.equal(fine["model"].encode(wav), shipped.encode(wav))
 
 
+def test_decoder_at_one_level_count_with_a_chroma_loss(tmp_path, synth_dataset):
+    """``decoder_n_q`` (decoder-only): every step decodes from that many levels, not the
+    quantizer dropout's draw; ``chroma_weight`` adds the chroma loss, logged as ``chroma``; the
+    codes stay those of the codec it started from. Bad combinations are clear errors."""
+    kw = dict(scale="tiny", data=synth_dataset, progress=False, batch_size=2, log_every=1, segment_seconds=0.25)
+    base = train_codec(tmp_path / "base", steps=2, **kw)["model"]
+    export_codec(tmp_path / "base", tmp_path / "ship")
+    wav = ClipBank(synth_dataset, 16_000).wavs[0][None, :, :16_000]
+    run = train_codec(tmp_path / "dec", steps=6, init_from=tmp_path / "ship", freeze_encoder=True,
+                      decoder_n_q=base.config.n_q, chroma_weight=0.5, **kw)
+    assert [row["n_q"] for row in run["log"]] == [base.config.n_q] * 6
+    assert all(0 <= row["chroma"] <= 2 for row in run["log"])
+    assert torch.equal(run["model"].encode(wav), load_codec(tmp_path / "ship").encode(wav))
+    # without it the decoder-only run draws level counts (quantizer dropout 1.0 in the tiny preset)
+    drawn = train_codec(tmp_path / "drawn", steps=6, init_from=tmp_path / "ship", freeze_encoder=True, **kw)
+    assert len({row["n_q"] for row in drawn["log"]}) > 1 and "chroma" not in drawn["log"][0]
+    with pytest.raises(ValueError, match="decoder_n_q"):
+        train_codec(tmp_path / "bad", steps=1, decoder_n_q=2, **kw)  # needs freeze_encoder
+    with pytest.raises(ValueError, match="decoder_n_q"):
+        train_codec(tmp_path / "bad2", steps=1, init_from=tmp_path / "ship", freeze_encoder=True,
+                    decoder_n_q=base.config.n_q + 1, **kw)
+
+
 def test_adversarial_training_runs_and_resumes(tmp_path, synth_dataset):
     """The full-scale extras (MS-STFT discriminator, feature matching, balancer) at toy size."""
     kw = dict(scale="tiny", data=synth_dataset, progress=False, adversarial=True, batch_size=1, log_every=1,
