@@ -50,6 +50,13 @@ once for the whole length (no concatenation per step), and the cross-attention k
 values of the condition are computed once per generation, at the first step; in prepend
 mode the prefix is read once, at the first step, and stays in the cache like any position.
 
+A cached forward of one position without gradients (every step of generation after the
+prefill) runs :meth:`MusicLM._lean_blocks`: the blocks' arithmetic as one flat loop, fc1's
+GELU fused into its oneDNN call, the heads as one packed matrix, and the cross-attention's
+query and output projections folded into the condition once per generation. A small LM's
+step is bound by how many operations it launches, not by its weights; tests hold it to the
+modules' path and to the full forward.
+
 :meth:`MusicLM.decode_step` is the same decoding step with *static shapes*, for CUDA graphs:
 the write position is a device tensor (``index_copy_`` into the cache), attention reads the
 whole cache with a mask built from that tensor, so no shape, address or Python number
