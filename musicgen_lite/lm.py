@@ -213,21 +213,19 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def _packed_bf16(self):
-        """The bf16 weight in oneDNN's blocked layout for a few-row matmul, packed once per
-        parameter version (None where this PyTorch build cannot pack, or for a weight created
-        under ``torch.inference_mode``, which keeps no version: cast models outside it)."""
-        w = self.weight
-        if w.is_inference():  # made under inference_mode: no version counter to notice in-place edits
-            return None
-        key = (w._version, w.data_ptr(), w.dtype)
-        cached = self.__dict__.get("_packed")
-        if cached is None or cached[0] != key or cached[2] is not w:
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 2)
-            except (AttributeError, RuntimeError):
-                packed = None
-            cached = self.__dict__["_packed"] = (key, packed, w)
-        return cached[1]
+        """The bf16 weight in oneDNN's blocked layout (:func:`_pack_bf16`)."""
+        return _pack_bf16(self, "_packed", [self.weight])
+
+    def _bf16_step(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor | None:
+        """``x @ W^T`` (then ``activation``, oneDNN's name: ``"none"`` or ``"gelu"``) through the
+        packed weight, for a decoding step's few rows in bf16 on a CPU without gradients; None
+        where that path does not apply."""
+        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16
+                and x.numel() <= 8 * self.in_features and not torch.is_grad_enabled()):
+            packed = self._packed_bf16()
+            if packed is not None:
+                return _packed_linear(x, packed, self.out_features, activation)
+        return None
 
     def __getstate__(self):  # copies and pickles leave the packed cache behind
         state = dict(super().__getstate__())
@@ -235,33 +233,46 @@ class Linear(nn.Linear):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.numel() <= 8 * self.in_features:
-            if x.dtype == torch.float32:
-                flat = x.reshape(-1, self.in_features)
-                # contiguous: attention kernels want unit-stride rows (else SDPA takes its slow path)
-                return (self.weight @ flat.T).T.contiguous().view(*x.shape[:-1], self.out_features)
-            if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-                packed = self._packed_bf16()
-                if packed is not None:
-                    flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), packed, None,
-                                                              "none", [], "")
-                    return flat.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= 8 * self.in_features:
+            flat = x.reshape(-1, self.in_features)
+            # contiguous: attention kernels want unit-stride rows (else SDPA takes its slow path)
+            return (self.weight @ flat.T).T.contiguous().view(*x.shape[:-1], self.out_features)
+        y = self._bf16_step(x)
+        return y if y is not None else F.linear(x, self.weight)
+
+
+def _pack_bf16(owner: nn.Module, slot: str, weights: list[torch.Tensor]):
+    """``weights`` stacked along the output rows, in oneDNN's blocked layout for a few-row bf16
+    matmul, cached in ``owner.__dict__[slot]`` and packed again only when a weight changes
+    (its version, storage or identity). None where this PyTorch build cannot pack, or for a
+    weight created under ``torch.inference_mode``, which keeps no version to notice in-place
+    edits by: cast models outside it."""
+    if any(w.is_inference() for w in weights):
+        return None
+    key = tuple((w._version, w.data_ptr(), w.dtype) for w in weights)
+    cached = owner.__dict__.get(slot)
+    if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[2], weights)):
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), 2)
+        except (AttributeError, RuntimeError):
+            packed = None
+        cached = owner.__dict__[slot] = (key, packed, list(weights))
+    return cached[1]
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, activation: str = "none"):
+    """``x[..., in]`` through a :func:`_pack_bf16` weight (one oneDNN call, ``activation`` fused)."""
+    algorithm = "none" if activation == "gelu" else ""  # GELU's exact (erf) form, as F.gelu
+    flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, activation, [], algorithm)
+    return flat.view(*x.shape[:-1], out_features)
 
 
 def linear_gelu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``gelu(linear(x))``; in bf16 on a CPU for a decoding step's few rows, one oneDNN call
     with the GELU applied to the fp32 accumulator (saves a pass and a rounding: 25 against
     38 us for the lite 256 -> 1024 projection, 2 rows, 2 threads)."""
-    if (isinstance(linear, Linear) and x.device.type == "cpu" and x.dtype == torch.bfloat16
-            and linear.weight.dtype == torch.bfloat16 and x.numel() <= 8 * linear.in_features
-            and not torch.is_grad_enabled()):
-        packed = linear._packed_bf16()
-        if packed is not None:
-            flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, linear.in_features), packed, None, "gelu", [],
-                                                      "none")
-            return flat.view(*x.shape[:-1], linear.out_features)
-    return F.gelu(linear(x))
+    y = linear._bf16_step(x, "gelu") if isinstance(linear, Linear) else None
+    return y if y is not None else F.gelu(linear(x))
 
 
 class KVCache:
@@ -631,18 +642,10 @@ class MusicLM(nn.Module):
         B, S, D = x.shape
         if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and B * S <= 8 and not torch.is_grad_enabled()
                 and all(type(h) is Linear and h.weight.dtype == torch.bfloat16 for h in self.heads)):
-            weights = [h.weight for h in self.heads]
-            key = None if any(w.is_inference() for w in weights) else tuple((w._version, w.data_ptr()) for w in weights)
-            cached = self.__dict__.get("_heads_packed")
-            if key is not None and (cached is None or cached[0] != key):
-                try:
-                    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), 2)
-                except (AttributeError, RuntimeError):
-                    packed = None
-                cached = self.__dict__["_heads_packed"] = (key, packed)
-            if key is not None and cached[1] is not None:
-                flat = torch.ops.mkldnn._linear_pointwise(x.reshape(B * S, D), cached[1], None, "none", [], "")
-                return flat.view(B, S, len(weights), -1).transpose(1, 2)  # (B, K, S, bins)
+            packed = _pack_bf16(self, "_heads_packed", [h.weight for h in self.heads])
+            if packed is not None:
+                K, bins = len(self.heads), self.heads[0].out_features
+                return _packed_linear(x, packed, K * bins).view(B, S, K, bins).transpose(1, 2)  # (B, K, S, bins)
         return torch.stack([head(x) for head in self.heads], dim=1)  # (B, K, S, bins)
 
     def __getstate__(self):  # copies and pickles leave the packed heads behind
