@@ -83,6 +83,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     temperature=args.temperature, seed=args.seed, progress=not args.quiet)
     if args.bpm is not None:  # a beat-clock model only (checked, with a clear error, by the model)
         sampling["bpm"] = args.bpm
+    if args.key is not None:  # a key-conditioned model only (checked by the model)
+        sampling["key"] = args.key
     if args.melody is not None:
         if not hasattr(model, "generate_with_chroma"):
             raise ValueError("this model has no melody conditioning")
@@ -251,6 +253,10 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
         extra["caption_facts"] = True
     if args.beat_clock:
         extra["beat_clock"] = True
+    if args.key_condition:
+        if not args.beat_clock:
+            raise SystemExit("--key-condition rides on the beat clock's input: add --beat-clock")
+        extra["key_condition"] = True
     if args.caption_metadata_p is not None and not 0 <= args.caption_metadata_p <= 1:
         raise SystemExit(f"--caption-metadata-p must be in [0, 1], got {args.caption_metadata_p}")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
@@ -388,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--beat-clock", action="store_true",
                     help="give the LM each clip's beat phase (from its bpm) at every step, and fit a tempo "
                          "predictor for captions without a bpm (generate keeps the stated or predicted tempo)")
+    tl.add_argument("--key-condition", action="store_true",
+                    help="with --beat-clock: give the LM each clip's key (mode and tonic) at every step, and fit "
+                         "a mode predictor for captions without one (generate keeps the stated or predicted key)")
     tl.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
     tl.add_argument("--stop-after", type=int, default=None,
                     help="checkpoint and stop once this step is done, the schedule still planned for --steps "
@@ -435,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bpm", type=float, default=None,
                    help="the tempo to keep (a model with a beat clock; default: the caption's bpm, else the "
                         "model's guess from its words)")
+    g.add_argument("--key", default=None,
+                   help='the key or mode to keep, e.g. "A minor" or "minor" (a model with a key condition; '
+                        "default: the caption's key or mode, else the model's guess of the mode from its words)")
     g.add_argument("--top-k", type=int, default=250)
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--temperature", type=float, default=1.0)

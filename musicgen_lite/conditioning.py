@@ -119,19 +119,10 @@ class CaptionFacts(nn.Module):
 _TEMPO_WORD = re.compile(r"[a-z]+(?:-[a-z]+)?")  # "slow", "gentle-paced", "mid-tempo"; numbers left out
 
 
-class TempoPredictor:
-    """A caption's likely tempo, for a beat clock (:func:`musicgen_lite.lm.beat_clock`) when the
-    caption states no bpm: ridge regression of ``log2(bpm)`` on the caption's bag of words,
-    fitted in closed form on the training captions.
-
-    ``bpm_for(texts)`` gives the stated bpm where there is one (:func:`caption_facts`), the
-    prediction elsewhere, and None for an empty text (the null condition). Words such as
-    "slow", "driving", "energetic" or "ambient" carry the tempo; the weights are one float per
-    word of the training captions (about 120 words for ours), stored in the model's
-    ``config.json`` (:meth:`to_dict`). On our 60 held-out captions without a bpm it put 77% of
-    them within 10% of the clip's tempo, or at half or double it; a sentence embedding (MiniLM,
-    mean-pooled, the same ridge) 65%, the training median 32% (`scripts/tempo_predictor_check.py`).
-    """
+class _WordRidge:
+    """Ridge regression of a number on a caption's bag of words, fitted in closed form: one
+    float per word of the training captions plus a bias, JSON-able (:meth:`to_dict`). The
+    shared core of :class:`TempoPredictor` and :class:`ModePredictor`."""
 
     def __init__(self, vocab: Sequence[str], weights: Sequence[float], bias: float, ridge: float = 1.0,
                  fitted_on: int = 0):
@@ -146,12 +137,9 @@ class TempoPredictor:
         return set(_TEMPO_WORD.findall((text or "").lower()))
 
     @classmethod
-    def fit(cls, texts: Sequence[str], bpms: Sequence[float], ridge: float = 1.0) -> "TempoPredictor":
-        """Least squares with an L2 penalty ``ridge`` on the word weights (not the bias), on the
-        pairs with a positive bpm. Raises if there are none."""
-        pairs = [(t or "", float(b)) for t, b in zip(texts, bpms) if b is not None and float(b) > 0]
-        if not pairs:
-            raise ValueError("TempoPredictor.fit: no caption with a positive bpm")
+    def _fit(cls, pairs: Sequence[tuple[str, float]], ridge: float):
+        """Least squares with an L2 penalty ``ridge`` on the word weights (not the bias) of
+        ``(text, target)`` pairs."""
         vocab = sorted(set().union(*(cls.words(t) for t, _ in pairs)))
         index = {w: i for i, w in enumerate(vocab)}
         x = torch.zeros(len(pairs), len(vocab) + 1, dtype=torch.float64)
@@ -159,19 +147,51 @@ class TempoPredictor:
         for r, (t, _) in enumerate(pairs):
             for w in cls.words(t):
                 x[r, index[w]] = 1.0
-        y = torch.tensor([math.log2(b) for _, b in pairs], dtype=torch.float64)
+        y = torch.tensor([y for _, y in pairs], dtype=torch.float64)
         penalty = torch.full((len(vocab) + 1,), float(ridge), dtype=torch.float64)
-        penalty[-1] = 0.0  # the bias is not shrunk: an unknown caption gets the mean tempo
+        penalty[-1] = 0.0  # the bias is not shrunk: an unknown caption gets the mean
         w = torch.linalg.solve(x.T @ x + torch.diag(penalty), x.T @ y)
         return cls(vocab, w[:-1].tolist(), float(w[-1]), ridge, len(pairs))
 
+    def score(self, texts: Sequence[str]) -> list[float]:
+        """The regression's value for each text (words never seen in training count for nothing)."""
+        return [self.bias + sum(self.weights[self._index[w]] for w in self.words(t) if w in self._index)
+                for t in texts]
+
+    def to_dict(self) -> dict:
+        return {"vocab": self.vocab, "weights": [round(w, 6) for w in self.weights], "bias": round(self.bias, 6),
+                "ridge": self.ridge, "fitted_on": self.fitted_on}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(d["vocab"], d["weights"], d["bias"], d.get("ridge", 1.0), d.get("fitted_on", 0))
+
+
+class TempoPredictor(_WordRidge):
+    """A caption's likely tempo, for a beat clock (:func:`musicgen_lite.lm.beat_clock`) when the
+    caption states no bpm: ridge regression of ``log2(bpm)`` on the caption's bag of words,
+    fitted in closed form on the training captions.
+
+    ``bpm_for(texts)`` gives the stated bpm where there is one (:func:`caption_facts`), the
+    prediction elsewhere, and None for an empty text (the null condition). Words such as
+    "slow", "driving", "energetic" or "ambient" carry the tempo; the weights are one float per
+    word of the training captions (about 120 words for ours), stored in the model's
+    ``config.json`` (:meth:`to_dict`). On our 60 held-out captions without a bpm it put 77% of
+    them within 10% of the clip's tempo, or at half or double it; a sentence embedding (MiniLM,
+    mean-pooled, the same ridge) 65%, the training median 32% (`scripts/tempo_predictor_check.py`).
+    """
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], bpms: Sequence[float], ridge: float = 1.0) -> "TempoPredictor":
+        """Fitted on the pairs with a positive bpm. Raises if there are none."""
+        pairs = [(t or "", math.log2(float(b))) for t, b in zip(texts, bpms) if b is not None and float(b) > 0]
+        if not pairs:
+            raise ValueError("TempoPredictor.fit: no caption with a positive bpm")
+        return cls._fit(pairs, ridge)
+
     def predict(self, texts: Sequence[str]) -> list[float]:
-        """The predicted bpm of each text (words never seen in training count for nothing)."""
-        out = []
-        for t in texts:
-            octaves = self.bias + sum(self.weights[self._index[w]] for w in self.words(t) if w in self._index)
-            out.append(2.0 ** octaves)
-        return out
+        """The predicted bpm of each text."""
+        return [2.0 ** octaves for octaves in self.score(texts)]
 
     def bpm_for(self, texts: Sequence[str | None]) -> list[float | None]:
         """The bpm a beat clock should keep for each text: stated, else predicted; None for an empty text."""
@@ -179,13 +199,33 @@ class TempoPredictor:
         predicted = self.predict(texts)
         return [None if not t.strip() else (caption_facts(t)["bpm"] or p) for t, p in zip(texts, predicted)]
 
-    def to_dict(self) -> dict:
-        return {"vocab": self.vocab, "weights": [round(w, 6) for w in self.weights], "bias": round(self.bias, 6),
-                "ridge": self.ridge, "fitted_on": self.fitted_on}
+
+class ModePredictor(_WordRidge):
+    """A caption's likely mode, for a key condition (``LMConfig.key_condition``) when the caption
+    states none: ridge regression of +1 (major) / -1 (minor) on the caption's bag of words,
+    fitted on the training captions; the sign is the mode. Mood words carry it ("sunny",
+    "melancholic"). ``key_for(texts)`` gives each text's ``(tonic, mode)``: the stated key or
+    mode (:func:`caption_facts`), else ``(None, predicted mode)``; ``(None, None)`` for an empty
+    text (the null condition)."""
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TempoPredictor":
-        return cls(d["vocab"], d["weights"], d["bias"], d.get("ridge", 1.0), d.get("fitted_on", 0))
+    def fit(cls, texts: Sequence[str], modes: Sequence[str | None], ridge: float = 1.0) -> "ModePredictor":
+        """Fitted on the pairs whose mode is "major" or "minor". Raises if there are none."""
+        pairs = [(t or "", 1.0 if m == "major" else -1.0) for t, m in zip(texts, modes) if m in MODES]
+        if not pairs:
+            raise ValueError("ModePredictor.fit: no caption with a mode")
+        return cls._fit(pairs, ridge)
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        return ["major" if s >= 0 else "minor" for s in self.score(texts)]
+
+    def key_for(self, texts: Sequence[str | None]) -> list[tuple[int | None, str | None]]:
+        texts = [t or "" for t in texts]
+        out = []
+        for t, guess in zip(texts, self.predict(texts)):
+            facts = caption_facts(t)
+            out.append((None, None) if not t.strip() else (facts["tonic"], facts["mode"] or guess))
+        return out
 
 
 class TextConditioner(nn.Module):

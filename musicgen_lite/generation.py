@@ -16,6 +16,9 @@
   :class:`~musicgen_lite.conditioning.TempoPredictor` that gives a caption stating no bpm its
   likely one; each row's tempo becomes a beat clock (:func:`~musicgen_lite.lm.beat_clock`) whose
   phase the LM reads at every step, dropped with the other conditions in the null rows.
+- ``mode_predictor`` (a key-conditioned LM only, ``LMConfig.key_condition``): a
+  :class:`~musicgen_lite.conditioning.ModePredictor` that gives a caption stating no mode its
+  likely one; each row's key rides on its beat clock.
 
 Generation fills a sequence ``seq[B, K, S + 1]`` step by step with a preallocated KV cache:
 the LM reads position ``s`` and its K heads predict step ``s + 1``; where the pattern has a
@@ -64,7 +67,7 @@ class MusicGen(nn.Module):
 
     def __init__(self, codec, lm: MusicLM, conditioner=None, pattern: Pattern | str = "delay",
                  max_duration: float = 30.0, extend_stride: float = 18.0, melody_conditioner=None,
-                 cfg_coef: float = DEFAULT_CFG, tempo=None):
+                 cfg_coef: float = DEFAULT_CFG, tempo=None, mode_predictor=None):
         super().__init__()
         if melody_conditioner is not None and lm.config.condition_mode != "prepend":
             raise ValueError("a melody_conditioner needs an LM with condition_mode='prepend' "
@@ -90,6 +93,8 @@ class MusicGen(nn.Module):
         self.cfg_coef = float(cfg_coef)
         # an LM with a beat clock: the bpm of a caption that states none (a TempoPredictor; saved with the model)
         self.tempo = tempo
+        # an LM with a key condition: the mode of a caption that states none (a ModePredictor; saved with the model)
+        self.mode_predictor = mode_predictor
         if lm.config.beat_clock and self.pattern.name not in CLOCK_PATTERNS:
             raise ValueError(f"a beat-clock LM counts one step per frame: pattern {' or '.join(CLOCK_PATTERNS)}, "
                              f"got {self.pattern.name!r}")
@@ -215,14 +220,54 @@ class MusicGen(nn.Module):
             fallback = [caption_facts(d)["bpm"] if d.strip() else None for d in descriptions]
         return [float(b) if b is not None else f for b, f in zip(given, fallback)]
 
-    def _clock(self, bpms, start: int, guided: bool):
+    def clock_keys(self, descriptions, key=None) -> list[tuple[int | None, str | None]] | None:
+        """The ``(tonic, mode)`` each row's key condition holds (an LM with ``key_condition``; None
+        otherwise).
+
+        ``key``: for every row, or a list of one per row (None entries fall back to the caption): a name
+        such as ``"A minor"`` or ``"minor"``, or a ``(tonic 0-11 | None, mode)`` pair; not given:
+        the key or mode the caption states, else the :attr:`mode_predictor`'s guess of the mode
+        from its words (no tonic), else none (an empty description: no key, as the null condition).
+        """
+        from .conditioning import caption_facts
+
+        descriptions = [d or "" for d in descriptions]
+        if not self.lm.config.key_condition:
+            if key is not None:
+                raise ValueError("key: this model has no key condition (its LM was trained without one)")
+            return None
+        given = list(key) if isinstance(key, list) else [key] * len(descriptions)
+        if len(given) != len(descriptions):
+            raise ValueError(f"key: {len(given)} keys for {len(descriptions)} descriptions")
+        if self.mode_predictor is not None:
+            fallback = self.mode_predictor.key_for(descriptions)
+        else:
+            fallback = [(f["tonic"], f["mode"]) for f in map(caption_facts, descriptions)]
+            fallback = [k if d.strip() else (None, None) for k, d in zip(fallback, descriptions)]
+        out = []
+        for k, f in zip(given, fallback):
+            if isinstance(k, str):
+                facts = caption_facts(k)
+                if facts["mode"] is None:
+                    raise ValueError(f"key must name a mode, as 'A minor' or 'minor', got {k!r}")
+                k = (facts["tonic"], facts["mode"])
+            if k is not None and (not isinstance(k, tuple) or len(k) != 2 or k[1] not in ("major", "minor", None)
+                                  or not (k[0] is None or (type(k[0]) is int and 0 <= k[0] < 12))):
+                raise ValueError(f"key must be a name or a (tonic 0-11 | None, 'major' | 'minor') pair, got {k!r}")
+            out.append(f if k is None else k)
+        return out
+
+    def _clock(self, bpms, start: int, guided: bool, keys=None):
         """The beat clock of a window whose first step predicts frame ``start``: ``[B, 2]``, or
-        ``[2B, 2]`` with guidance (the null rows get none: the clock is dropped with the other conditions)."""
+        ``[2B, 2]`` with guidance (the null rows get none: the clock is dropped with the other
+        conditions); a key-conditioned LM's carries each row's ``keys`` after the beat's columns."""
         if bpms is None:
             return None
-        from .lm import beat_clock
+        from .lm import beat_clock, key_features
 
         clock = beat_clock(bpms, self.frame_rate, start)
+        if self.lm.config.key_condition:
+            clock = torch.cat([clock, key_features(keys if keys is not None else [(None, None)] * len(bpms))], dim=1)
         return torch.cat([clock, torch.zeros_like(clock)]) if guided else clock
 
     def _frames(self, duration, what: str = "duration") -> int:
@@ -272,13 +317,14 @@ class MusicGen(nn.Module):
     def _sample_window(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
                        top_k: int, top_p: float, temperature: float, generator, two_pass_cfg: bool,
                        bar=None, null_cond=None, fast: bool = False, cuda_graph: bool | None = None,
-                       bpms=None, start: int = 0) -> torch.Tensor:
+                       bpms=None, start: int = 0, keys=None) -> torch.Tensor:
         """``T`` frames of codes ``[B, K, T]`` in one window; ``prompt[B, K, Tp]`` codes are kept.
         ``bpms`` (a beat-clock LM, :meth:`clock_bpms`): each row's tempo, the window's first
-        step predicting frame ``start`` of the piece."""
+        step predicting frame ``start`` of the piece; ``keys`` (a key-conditioned LM,
+        :meth:`clock_keys`): each row's ``(tonic, mode)``."""
         if fast:
             return self._sample_window_static(cond, cond_mask, T, prompt, B, cfg_coef, top_k, top_p, temperature,
-                                              generator, bar, null_cond, cuda_graph, bpms, start)
+                                              generator, bar, null_cond, cuda_graph, bpms, start, keys)
         lm, pattern = self.lm, self.pattern
         seq, todo, first, S = self._start_window(T, prompt, B)
 
@@ -290,7 +336,7 @@ class MusicGen(nn.Module):
         rows = 2 * B if guided and not two_pass_cfg else B
         P = lm.prefix_length(cond)
         caches = [lm.new_cache(rows, P + S)] + ([lm.new_cache(B, P + S)] if guided and two_pass_cfg else [])
-        clock = self._clock(bpms, start, guided and not two_pass_cfg)  # two passes: the null pass has none
+        clock = self._clock(bpms, start, guided and not two_pass_cfg, keys)  # two passes: the null pass has none
 
         def step(x: torch.Tensor) -> torch.Tensor:  # x: (B, K, s) new positions -> (B, K, bins) guided logits
             c, m, k = (cond, cond_mask, clock) if caches[0].pos == 0 else (None, None, None)
@@ -317,7 +363,7 @@ class MusicGen(nn.Module):
     @torch.no_grad()
     def _sample_window_static(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
                               top_k: int, top_p: float, temperature: float, generator, bar=None, null_cond=None,
-                              cuda_graph: bool | None = None, bpms=None, start: int = 0) -> torch.Tensor:
+                              cuda_graph: bool | None = None, bpms=None, start: int = 0, keys=None) -> torch.Tensor:
         """:meth:`_sample_window` with a static-shape step: no host sync inside the loop, and on
         CUDA one captured graph replayed per step (``cuda_graph=None``: when on CUDA).
 
@@ -363,7 +409,7 @@ class MusicGen(nn.Module):
         # prefill: the condition and every step before `first` (start token, prompt) in one forward
         x = seq[..., :first]
         sampler.refill()
-        clock = self._clock(bpms, start, guided)  # kept in the cache: decode_step reads it from there
+        clock = self._clock(bpms, start, guided, keys)  # kept in the cache: decode_step reads it from there
         commit(lm(torch.cat([x, x]) if guided else x, cond, cond_mask, cache=cache, last_only=True,
                   clock=clock)[:, :, -1])
         if bar is not None:
@@ -382,7 +428,7 @@ class MusicGen(nn.Module):
                        cfg_coef: float | None = None, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0,
                        seed: int | None = None, num_samples: int | None = None, two_pass_cfg: bool = False,
                        progress: bool = True, melody=None, melody_sample_rate: int | None = None,
-                       fast: bool = False, cuda_graph: bool | None = None, bpm=None) -> torch.Tensor:
+                       fast: bool = False, cuda_graph: bool | None = None, bpm=None, key=None) -> torch.Tensor:
         """Tokens for ``duration`` seconds: ``codes[B, K, T]`` (the prompt included when given).
 
         ``descriptions``: list of texts (``""`` / None: unconditional rows); None with
@@ -396,7 +442,10 @@ class MusicGen(nn.Module):
         model's own (:attr:`cfg_coef`, 3 unless its folder says otherwise). ``bpm`` (a model whose
         LM has a beat clock): the tempo to keep, a number or one per row; None: the caption's
         stated bpm, else the model's guess from its words (:meth:`clock_bpms`). The clock starts
-        on a beat at the first frame (a prompt's first frame, when given).
+        on a beat at the first frame (a prompt's first frame, when given). ``key`` (a model whose
+        LM has a key condition): "A minor", "minor" or ``(tonic, mode)``, or one per row; None: the
+        caption's stated key or mode, else the model's guess of the mode from its words
+        (:meth:`clock_keys`).
         """
         if cfg_coef is None:
             cfg_coef = self.cfg_coef
@@ -430,7 +479,7 @@ class MusicGen(nn.Module):
             if len(melody) != B:
                 raise ValueError(f"{len(melody)} melodies for {B} descriptions")
         cond, cond_mask = self.condition(descriptions, melody)
-        bpms = self.clock_bpms(descriptions, bpm)
+        bpms, keys = self.clock_bpms(descriptions, bpm), self.clock_keys(descriptions, key)
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         opts = dict(B=B, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
                     generator=generator, two_pass_cfg=two_pass_cfg, fast=fast, cuda_graph=cuda_graph,
@@ -450,7 +499,7 @@ class MusicGen(nn.Module):
                 start = 0 if codes is None else codes.shape[-1] - keep  # first frame of this window
                 if melody is not None and start > 0:  # the melody as it sounds from this window on
                     cond, cond_mask = self.condition(descriptions, melody, melody_offset=start / self.frame_rate)
-                window = self._sample_window(cond, cond_mask, keep + new, context, bar=bar, bpms=bpms, start=start,
+                window = self._sample_window(cond, cond_mask, keep + new, context, bar=bar, bpms=bpms, start=start, keys=keys,
                                              **opts)
                 codes = window if codes is None else torch.cat([codes, window[..., keep:]], dim=-1)
         finally:

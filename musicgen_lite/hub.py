@@ -329,6 +329,8 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
               "cfg_coef": model.cfg_coef}
     if getattr(model, "tempo", None) is not None:  # a beat-clock model's tempo predictor (word weights)
         config["tempo"] = model.tempo.to_dict()
+    if getattr(model, "mode_predictor", None) is not None:  # a key-conditioned model's mode predictor
+        config["mode_predictor"] = model.mode_predictor.to_dict()
     if codec_path is not None:
         config["codec_path"] = str(codec_path)
     return save_checkpoint(path, state, config, extra, dtype=dtype)
@@ -379,7 +381,7 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
     the config names one (``codec_path``), that folder relative to ``path``. The model is
     returned in eval mode.
     """
-    from .conditioning import MelodyConditioner, TempoPredictor, get_conditioner
+    from .conditioning import MelodyConditioner, ModePredictor, TempoPredictor, get_conditioner
     from .generation import DEFAULT_CFG, MusicGen
     from .lm import LMConfig, MusicLM
 
@@ -420,7 +422,9 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
     model = MusicGen(codec, lm, conditioner, config.get("pattern", "delay"), config.get("max_duration", 30.0),
                      config.get("extend_stride", 18.0), melody_conditioner=melody,
                      cfg_coef=config.get("cfg_coef", DEFAULT_CFG),
-                     tempo=TempoPredictor.from_dict(config["tempo"]) if config.get("tempo") else None)
+                     tempo=TempoPredictor.from_dict(config["tempo"]) if config.get("tempo") else None,
+                     mode_predictor=ModePredictor.from_dict(config["mode_predictor"]) if config.get("mode_predictor")
+                     else None)
     return model.to(device).eval()
 
 

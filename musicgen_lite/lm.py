@@ -45,6 +45,12 @@ frame it predicts, over a half beat, a beat, two beats and a bar of four
 not learn; with a clock, "a note starts now" is a function of one input. The clock is a
 condition like the text: the null rows of guidance go without it.
 
+A key condition (``LMConfig.key_condition``, ours too) rides on the clock: its columns after
+the two beat columns hold the clip's mode and tonic (:func:`key_features`), and a learned map
+(``self.key``, zero at init) of them is added to every step. Our LMs did not learn the mode
+from the caption's words, nor from a row of its own in the cross-attention (the same fate the
+bpm had before the clock).
+
 For generation, :class:`KVCache` holds every layer's keys and values in buffers allocated
 once for the whole length (no concatenation per step), and the cross-attention keys and
 values of the condition are computed once per generation, at the first step; in prepend
@@ -101,6 +107,10 @@ class LMConfig:
     # a beat clock (ours, not MusicGen's): the phase of a stated tempo's beats, added to every step's
     # input through a learned map (:func:`clock_features`); ``forward(..., clock=...)``
     beat_clock: bool = False
+    # a key condition (ours; needs beat_clock): the clock carries the clip's key after its two beat
+    # columns, ``clock[B, 2 + KEY_FEATURES]`` (:func:`key_features`), added to every step through a
+    # learned map that starts at zero
+    key_condition: bool = False
 
     @property
     def special(self) -> int:
@@ -163,6 +173,27 @@ def beat_clock(bpm, frame_rate: float, start_frame=0) -> torch.Tensor:
     start = torch.as_tensor(start_frame, dtype=torch.float64).expand_as(bpm)
     per_step = bpm / 60.0 / frame_rate
     return torch.stack([per_step, per_step * start], dim=1)  # (B, 2), fp64: the phase stays exact for hours
+
+
+KEY_FEATURES = 2 + 12  # major, minor, then the tonic's pitch class one-hot; all zeros: no key
+
+
+def key_features(keys) -> torch.Tensor:
+    """``keys``: one ``(tonic, mode)`` per row (tonic 0-11 or None, mode "major" / "minor" or
+    None) -> ``[B, KEY_FEATURES]`` fp64, the columns a key-conditioned LM's clock carries after
+    its two beat columns (``torch.cat([beat_clock(...), key_features(...)], 1)``). An unknown
+    tonic or mode leaves its columns at zero; ``(None, None)``: no key."""
+    out = torch.zeros(len(keys), KEY_FEATURES, dtype=torch.float64)
+    for r, (tonic, mode) in enumerate(keys):
+        if mode is not None:
+            if mode not in ("major", "minor"):
+                raise ValueError(f"mode must be 'major', 'minor' or None, got {mode!r}")
+            out[r, 0 if mode == "major" else 1] = 1.0
+        if tonic is not None:
+            if isinstance(tonic, bool) or not isinstance(tonic, int) or not 0 <= tonic < 12:
+                raise ValueError(f"tonic must be a pitch class 0-11 or None, got {tonic!r}")
+            out[r, 2 + tonic] = 1.0
+    return out
 
 
 def clock_features(clock: torch.Tensor, steps: torch.Tensor, periods: torch.Tensor | None = None) -> torch.Tensor:
@@ -460,6 +491,9 @@ class MusicLM(nn.Module):
                                    for _ in range(config.num_codebooks))
         # the beat clock's map into the stream; zero at init, so adding it to a trained LM changes nothing
         self.beat = Linear(CLOCK_FEATURES, config.dim) if config.beat_clock else None
+        if config.key_condition and not config.beat_clock:
+            raise ValueError("key_condition rides on the beat clock's input: it needs beat_clock=True")
+        self.key = Linear(KEY_FEATURES, config.dim) if config.key_condition else None  # zero at init too
         self.register_buffer("clock_periods", torch.tensor(CLOCK_PERIODS), persistent=False)  # exact in bf16
         self._pos_table: torch.Tensor | None = None  # a cache, not state: see positions()
         self.reset_parameters()
@@ -478,8 +512,9 @@ class MusicLM(nn.Module):
             out = [block.attn.proj, block.fc2] + ([block.cross.proj] if self.config.has_cross_attention else [])
             for linear in out:
                 nn.init.normal_(linear.weight, std=std / math.sqrt(2 * (i + 1)))
-        if self.beat is not None:
-            nn.init.zeros_(self.beat.weight)
+        for clock_map in (self.beat, self.key):
+            if clock_map is not None:
+                nn.init.zeros_(clock_map.weight)
 
     def positions(self, n: int, device) -> torch.Tensor:
         """The first ``n`` (at least) rows of the position table ``[n, dim]``, fp32, computed once
@@ -511,7 +546,8 @@ class MusicLM(nn.Module):
         ``clock[B, 2]`` (an LM with ``beat_clock``; :func:`beat_clock`): each row's beat clock,
         whose features (:func:`clock_features`) go through ``self.beat`` and are added to every
         token step; a row ``(0, 0)`` or ``clock=None``: no clock. With a cache it is read at the
-        first call and kept for the later steps.
+        first call and kept for the later steps. An LM with ``key_condition`` takes
+        ``clock[B, 2 + KEY_FEATURES]``: the key's columns (:func:`key_features`) after the beat's.
         """
         cfg = self.config
         if seq.dim() != 3 or seq.shape[1] != cfg.num_codebooks:
@@ -688,14 +724,24 @@ class MusicLM(nn.Module):
             clock, first = cache.clock, cache.tokens
         else:
             first = 0
-            if clock.dim() != 2 or clock.shape != (x.shape[0], 2):
-                raise ValueError(f"clock must be [B={x.shape[0]}, 2] (beats per step, beats at step 0), "
-                                 f"got {list(clock.shape)}")
+            width = self.clock_width
+            if clock.dim() != 2 or clock.shape != (x.shape[0], width):
+                what = "beats per step, beats at step 0" + (", the key's columns" if self.key is not None else "")
+                raise ValueError(f"clock must be [B={x.shape[0]}, {width}] ({what}), got {list(clock.shape)}")
             clock = clock.to(x.device, torch.float64)
             if cache is not None:
                 cache.clock = clock
         steps = torch.arange(first, first + x.shape[1], device=x.device)
-        return x + self.beat(clock_features(clock, steps, self.clock_periods).to(x.dtype))
+        return self._key(x + self.beat(clock_features(clock, steps, self.clock_periods).to(x.dtype)), clock)
+
+    @property
+    def clock_width(self) -> int:
+        """Columns of the ``clock`` :meth:`forward` takes: 2, or ``2 + KEY_FEATURES`` with a key condition."""
+        return 2 + (KEY_FEATURES if self.key is not None else 0)
+
+    def _key(self, x, clock):
+        """``x[B, S, D]`` + the key condition's map of the clock's key columns (the same at every step)."""
+        return x if self.key is None else x + self.key(clock[:, 2:].to(x.dtype)).unsqueeze(1)
 
     def decode_step(self, seq: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step with static shapes: ``seq[B, K, 1]`` at cache position ``pos`` -> ``logits[B, K, bins]``.
@@ -721,7 +767,7 @@ class MusicLM(nn.Module):
             x = x + cache.melody.index_select(1, row).to(x.dtype)
         if cache.clock is not None:  # this step's beat phase (its token step: pos less the prefix)
             feats = clock_features(cache.clock, pos - cache.prefix, self.clock_periods)  # (B, 1, F)
-            x = x + self.beat(feats.to(x.dtype))
+            x = self._key(x + self.beat(feats.to(x.dtype)), cache.clock)
         x = x + self.positions(cache.max_len, seq.device).index_select(0, pos).to(x.dtype)  # + (1, D)
         positions = torch.arange(cache.max_len, device=seq.device)
         visible = (positions <= pos).view(1, 1, 1, cache.max_len)  # this step sees the prefix and itself

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import time
 import warnings
 from pathlib import Path
@@ -551,7 +552,7 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
     ``cfg_coef``: the guidance the model generates with when not told otherwise (stored in
     its config; the one its evaluation used; None: MusicGen's 3).
     """
-    from .conditioning import MelodyConditioner, TempoPredictor, get_conditioner
+    from .conditioning import MelodyConditioner, ModePredictor, TempoPredictor, get_conditioner
     from .data.dataset import codec_fingerprint
     from .generation import DEFAULT_CFG, MusicGen
     from .hub import load_codec, save_musicgen
@@ -579,7 +580,9 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
         window = {"max_duration": seconds, "extend_stride": 0.6 * seconds}
     model = MusicGen(codec, lm, conditioner, meta.get("pattern", "delay"), melody_conditioner=melody,
                      cfg_coef=DEFAULT_CFG if cfg_coef is None else cfg_coef, **window,
-                     tempo=TempoPredictor.from_dict(meta["tempo"]) if meta.get("tempo") else None)
+                     tempo=TempoPredictor.from_dict(meta["tempo"]) if meta.get("tempo") else None,
+                     mode_predictor=ModePredictor.from_dict(meta["mode_predictor"]) if meta.get("mode_predictor")
+                     else None)
     info = {"step": meta.get("step"), "options": meta.get("options"), "tokens": meta.get("tokens"),
             "weights": "ema" if prefix == "model.ema." else "raw", **(extra or {})}
     return save_musicgen(model, out_dir, {"name": name, "kwargs": cond_kwargs} if name else None, info, dtype=dtype)
@@ -587,7 +590,7 @@ def export_musicgen(run_dir, codec_path, out_dir, use_ema: bool = True, dtype: t
 
 @torch.no_grad()
 def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: int = 64, batch_size: int = 16,
-                    captions: str = "true", melody: str = "true", clock: bool = True) -> dict:
+                    captions: str = "true", melody: str = "true", clock: bool = True, key: bool = True) -> dict:
     """Mean per-token cross-entropy of ``task`` (an :class:`LMTask`, e.g. ``train_lm(...)["model"]``)
     on a held-out token cache: its first ``max_items`` full windows of ``segment_seconds``, in
     order (the same windows every call), captions (and chroma) as in training, no dropout.
@@ -596,7 +599,8 @@ def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: i
     the loss it loses without it. ``melody`` (a melody task): ``"true"`` (each window's own
     chroma), ``"shuffled"`` (the next window's) or ``"null"`` (the null melody alone, the text
     kept): how much the model reads its melody. An LM with a beat clock gets each window's clock
-    (:func:`window_clock`) unless ``clock=False``. Returns ``{"loss", "per_codebook", "windows"}`` (nats)."""
+    (:func:`window_clock`) unless ``clock=False``; a key-conditioned one also its clip's key (tonic and
+    mode) unless ``key=False`` (the beat kept). Returns ``{"loss", "per_codebook", "windows"}`` (nats)."""
     if captions not in ("true", "shuffled", "null"):
         raise ValueError(f"captions must be 'true', 'shuffled' or 'null', got {captions!r}")
     if melody not in ("true", "shuffled", "null"):
@@ -634,7 +638,8 @@ def validation_loss(task: "LMTask", tokens, segment_seconds: float, max_items: i
             kw["chroma"] = torch.stack(chromas[start:start + batch_size]).to(device)
             kw["drop_melody"] = melody == "null"
         if clock and task.lm.config.beat_clock:
-            kw["clock"] = window_clock([i for _, i in chunk], data.fingerprint["frame_rate"]).to(device)
+            kw["clock"] = window_clock([i for _, i in chunk], data.fingerprint["frame_rate"],
+                                       key_columns=task.lm.config.key_condition, with_key=key).to(device)
         loss, per_codebook = task(codes, texts if task.conditioner is not None else None, **kw)
         total += float(loss) * len(chunk)
         per_cb = per_codebook.float().cpu() * len(chunk) + (per_cb if per_cb is not None else 0)
@@ -650,7 +655,8 @@ def lm_train_options(scale: str) -> dict:
     base = dict(batch_size=16, segment_seconds=10.0, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup=200,
                 schedule="cosine", grad_clip=1.0, grad_accum=1, ema_decay=None, cond_dropout=0.3, amp="bf16",
                 log_every=25, checkpoint_every=250, fsdp=None, melody_dropout=0.0, cpu_amp=False,
-                caption_metadata_p=0.0, melody_mode="prefix", caption_facts=False, beat_clock=False)
+                caption_metadata_p=0.0, melody_mode="prefix", caption_facts=False, beat_clock=False,
+                key_condition=False, key_tonic_dropout=0.5)
     if scale == "lite":
         # bf16 autocast on CPUs with native bf16 too: a lite step (4 x 10 s, 1 thread) took 1.87 s
         # instead of 2.60 in fp32 on the project's machine
@@ -741,15 +747,29 @@ class LMTask(torch.nn.Module):
         return self.lm.compute_loss(codes, self.pattern, cond, mask, clock=clock)
 
 
-def window_clock(infos, frame_rate: float) -> torch.Tensor:
+def window_clock(infos, frame_rate: float, key_columns: bool = False, with_key: bool = True,
+                 keep_tonic=None) -> torch.Tensor:
     """The beat clocks (:func:`~musicgen_lite.lm.beat_clock`) of token windows from a
     :class:`~musicgen_lite.data.dataset.TokenDataset`: each clip's ``bpm`` from its caption
     side file, its beats from the clip's time 0 (our renderings start on a beat), the window
-    from its ``start_frame``. A clip without a bpm gets no clock."""
-    from .lm import beat_clock
+    from its ``start_frame``. A clip without a bpm gets no clock.
 
-    return beat_clock([info.get("bpm") for info in infos], frame_rate,
-                      [int(info.get("start_frame", 0)) for info in infos])
+    ``key_columns`` (a key-conditioned LM): each clip's key after the beat's columns
+    (:func:`~musicgen_lite.lm.key_features`, from its ``tonic`` and ``mode``); zeros with
+    ``with_key=False``; ``keep_tonic``: one bool per row, False leaves that row's mode alone
+    (training drops tonics so that a predicted mode without a tonic is a condition it knows)."""
+    from .conditioning import _PITCH_CLASS
+    from .lm import beat_clock, key_features
+
+    clock = beat_clock([info.get("bpm") for info in infos], frame_rate,
+                       [int(info.get("start_frame", 0)) for info in infos])
+    if not key_columns:
+        return clock
+    keep = [True] * len(infos) if keep_tonic is None else list(keep_tonic)
+    keys = [(_PITCH_CLASS.get(str(info.get("tonic"))) if k else None,
+             info.get("mode") if info.get("mode") in ("major", "minor") else None) for info, k in zip(infos, keep)]
+    key = key_features(keys)
+    return torch.cat([clock, key if with_key else torch.zeros_like(key)], dim=1)
 
 
 def fit_tempo_predictor(tokens):
@@ -766,6 +786,22 @@ def fit_tempo_predictor(tokens):
             texts.append(info.get("description", ""))
             bpms.append(info.get("bpm"))
     return TempoPredictor.fit(texts, bpms)
+
+
+def fit_mode_predictor(tokens):
+    """A :class:`~musicgen_lite.conditioning.ModePredictor` fitted on a token cache's captions and modes."""
+    from .conditioning import ModePredictor
+    from .data.dataset import TokenDataset
+
+    data = TokenDataset(tokens)
+    texts, modes = [], []
+    for clip in data.clips:
+        side = data.root / clip["info"] if clip.get("info") else None
+        if side is not None and side.exists():
+            info = json.loads(side.read_text())
+            texts.append(info.get("description", ""))
+            modes.append(info.get("mode"))
+    return ModePredictor.fit(texts, modes)
 
 
 def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -> None:
@@ -789,8 +825,9 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
     if codec_fp is not None and codec_fp != fingerprint.get("codec"):
         raise ValueError(f"init_from={source}: trained on another codec's tokens than this run's")
     mismatch = {k: (config.get(k), v) for k, v in cfg.to_dict().items() if k in config and config[k] != v}
-    if cfg.beat_clock and not config.get("beat_clock"):  # a clock added by this run: the source's LM carries over
-        mismatch.pop("beat_clock", None)
+    for added in ("beat_clock", "key_condition"):  # a clock or key added by this run: the source's LM carries over
+        if getattr(cfg, added) and not config.get(added):
+            mismatch.pop(added, None)
     # a melody LM (prepend) from a text LM (cross-attention): everything but the cross-attention carries over
     cross_to_prepend = (cfg.condition_mode == "prepend" and config.get("condition_mode", "cross") == "cross")
     if cross_to_prepend:
@@ -805,11 +842,12 @@ def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -
     if cross_to_prepend:
         own = task.lm.state_dict()
         lm_state = {k: v for k, v in lm_state.items() if k in own}  # drops the cross-attention weights
-        missing = sorted(set(own) - set(lm_state) - {"beat.weight"})
+        missing = sorted(set(own) - set(lm_state) - {"beat.weight", "key.weight"})
         if missing:
             raise ValueError(f"init_from={source}: the text LM lacks {missing[:4]}")
-    if cfg.beat_clock and "beat.weight" not in lm_state:  # a clock added by this run starts at zero: the same LM
-        lm_state["beat.weight"] = torch.zeros_like(task.lm.beat.weight)
+    for added in ("beat", "key"):  # a clock or key added by this run starts at zero: the same LM
+        if getattr(task.lm, added) is not None and f"{added}.weight" not in lm_state:
+            lm_state[f"{added}.weight"] = torch.zeros_like(getattr(task.lm, added).weight)
     task.lm.load_state_dict(lm_state)
     if task.conditioner is not None and same_text:  # another text encoder starts fresh; the LM carries over
         own = task.conditioner.state_dict()
@@ -975,6 +1013,12 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
                              f"got {pattern!r}")
         cfg = replace(cfg, beat_clock=True)
         tempo = fit_tempo_predictor(tokens)
+    mode_predictor = None
+    if opts["key_condition"]:  # each clip's key added to every step (tonic dropped with key_tonic_dropout)
+        if not opts["beat_clock"]:
+            raise ValueError("key_condition rides on the beat clock: train with beat_clock=True too")
+        cfg = replace(cfg, key_condition=True)
+        mode_predictor = fit_mode_predictor(tokens)
     torch.manual_seed(seed)
     cond_kwargs = {"caption_facts": True} if opts["caption_facts"] else {}
     if cond_kwargs and not conditioner:
@@ -1063,7 +1107,12 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         texts = [caption_for_training(info, opts["caption_metadata_p"], f"captions:{seed}:{step}:{rank * local + j}")
                  for j, (_, info) in enumerate(items)]
         chroma = torch.stack([info["chroma"] for _, info in items]).to(device) if melody else None  # (b, Lc, C)
-        clock = window_clock([info for _, info in items], fp["frame_rate"]).to(device) if tempo is not None else None
+        keep_tonic = None
+        if cfg.key_condition:  # a stream of its own per item of the global batch, as the captions'
+            keep_tonic = [random.Random(f"tonic:{seed}:{step}:{rank * local + j}").random() >= opts["key_tonic_dropout"]
+                          for j in range(len(items))]
+        clock = window_clock([info for _, info in items], fp["frame_rate"], key_columns=cfg.key_condition,
+                             keep_tonic=keep_tonic).to(device) if tempo is not None else None
         optimizer.zero_grad(set_to_none=True)
         total, per_cb = 0.0, torch.zeros(cfg.num_codebooks)
         micro = local // accum
@@ -1116,6 +1165,10 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
                 no_clock = validation_loss(task, eval_tokens, opts["segment_seconds"],
                                            max_items=opts.get("eval_items", 64), clock=False)
                 extra_row["val_clock_gain"] = round(no_clock["loss"] - val["loss"], 5)
+            if cfg.key_condition:  # the key alone: the loss without it (text and beat kept) minus val_loss
+                no_key = validation_loss(task, eval_tokens, opts["segment_seconds"],
+                                         max_items=opts.get("eval_items", 64), key=False)
+                extra_row["val_key_gain"] = round(no_key["loss"] - val["loss"], 5)
             if ema is not None:
                 extra_row["val_loss_ema"] = round(validation_loss(ema, eval_tokens, opts["segment_seconds"],
                                                                   max_items=opts.get("eval_items", 64))["loss"], 5)
@@ -1140,7 +1193,8 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
                                      "conditioner_kwargs": cond_kwargs, "pattern": pattern,
                                      "tokens": str(tokens), "token_fingerprint": fp,
                                      "melody": melody_spec(melody_cond) if melody_cond is not None else None,
-                                     "tempo": tempo.to_dict() if tempo is not None else None})
+                                     "tempo": tempo.to_dict() if tempo is not None else None,
+                                     "mode_predictor": mode_predictor.to_dict() if mode_predictor else None})
             if world > 1:
                 import torch.distributed as dist
 

@@ -99,6 +99,9 @@ def test_cli_generate_writes_wav_and_spectrogram(lm_run, tmp_path, capsys):
     rc = main(["generate", "rock", "--model", str(model_dir), "--bpm", "120", "--duration", "0.5", "--quiet",
                "-o", str(tmp_path / "b.wav")])
     assert rc == 2 and "no beat clock" in capsys.readouterr().err
+    rc = main(["generate", "rock", "--model", str(model_dir), "--key", "A minor", "--duration", "0.5", "--quiet",
+               "-o", str(tmp_path / "k.wav")])
+    assert rc == 2 and "no key condition" in capsys.readouterr().err
 
 
 def test_cli_generate_errors_are_clear(tmp_path, capsys):

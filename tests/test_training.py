@@ -530,3 +530,50 @@ def test_lm_beat_clock_from_a_model_without_one(tmp_path, codec_and_tokens):
     assert loaded.clock_bpms(texts)[0] == pytest.approx(fitted.bpm_for(texts[:1])[0])
     with pytest.raises(ValueError, match="one step per frame"):
         train_lm(tmp_path / "flat", cache, steps=1, beat_clock=True, pattern="flatten", **kw)
+
+
+def test_lm_key_condition_from_a_clocked_model_without_one(tmp_path, codec_and_tokens):
+    """``key_condition=True`` on top of a clocked model without a key: the LM carries over
+    exactly (lr 0), its key map starts at zero (``val_key_gain`` 0); each window's clock carries
+    its clip's key after the beat's columns (tonics dropped where told); the mode predictor is
+    fitted on the cache's captions and travels with the export."""
+    from musicgen_lite.conditioning import _PITCH_CLASS
+    from musicgen_lite.data.dataset import TokenDataset
+    from musicgen_lite.hub import load_musicgen, save_checkpoint
+    from musicgen_lite.lm import beat_clock, key_features
+    from musicgen_lite.training import export_musicgen, fit_mode_predictor, train_lm, window_clock
+
+    codec, cache = codec_and_tokens
+    save_checkpoint(tmp_path / "codec", codec, codec.config.to_dict())
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False, beat_clock=True)
+    first = train_lm(tmp_path / "first", cache, steps=2, **kw)
+    source = export_musicgen(tmp_path / "first", tmp_path / "codec", tmp_path / "model", dtype=None)
+    run = train_lm(tmp_path / "key", cache, steps=2, init_from=source, key_condition=True, lr=0.0,
+                   eval_tokens=cache, eval_every=2, **kw)
+    keyed, src = run["model"], first["model"]
+    assert keyed.lm.config.key_condition and keyed.lm.key.weight.abs().sum() == 0
+    assert all(torch.equal(v, keyed.lm.state_dict()[k]) for k, v in src.lm.state_dict().items())
+    assert run["log"][-1]["val_key_gain"] == 0.0
+    data = TokenDataset(cache, segment_frames=20, random_segments=True, seed=3)
+    infos = [data[i][1] for i in range(4)]
+    assert all(i["mode"] in ("major", "minor") and i["tonic"] in _PITCH_CLASS for i in infos)
+    beat = beat_clock([i["bpm"] for i in infos], 50.0, [i["start_frame"] for i in infos])
+    keys = [(_PITCH_CLASS[i["tonic"]], i["mode"]) for i in infos]
+    torch.testing.assert_close(window_clock(infos, 50.0, key_columns=True), torch.cat([beat, key_features(keys)], 1))
+    dropped = window_clock(infos, 50.0, key_columns=True, keep_tonic=[False, True, False, True])
+    keys = [(t if j % 2 else None, m) for j, (t, m) in enumerate(keys)]
+    torch.testing.assert_close(dropped, torch.cat([beat, key_features(keys)], 1))
+    assert window_clock(infos, 50.0, key_columns=True, with_key=False)[:, 2:].abs().sum() == 0
+    out = export_musicgen(tmp_path / "key", tmp_path / "codec", tmp_path / "key_model", dtype=None)
+    loaded = load_musicgen(out)
+    assert loaded.lm.config.key_condition and loaded.mode_predictor is not None
+    fitted = fit_mode_predictor(cache)
+    assert loaded.mode_predictor.to_dict() == fitted.to_dict() and fitted.fitted_on == 6
+    texts = [TokenDataset(cache)[0][1]["description"], "a piece in F# minor"]
+    assert loaded.clock_keys(texts) == [(None, fitted.predict(texts[:1])[0]), (6, "minor")]
+    with pytest.raises(ValueError, match="rides on the beat clock"):
+        train_lm(tmp_path / "nobeat", cache, steps=1, key_condition=True, **{**kw, "beat_clock": False})
+    from musicgen_lite.cli import main
+
+    with pytest.raises(SystemExit, match="--key-condition rides on the beat clock"):
+        main(["train", "lm", str(cache), str(tmp_path / "bad"), "--scale", "tiny", "--key-condition"])
