@@ -772,36 +772,33 @@ def window_clock(infos, frame_rate: float, key_columns: bool = False, with_key: 
     return torch.cat([clock, key if with_key else torch.zeros_like(key)], dim=1)
 
 
-def fit_tempo_predictor(tokens):
-    """A :class:`~musicgen_lite.conditioning.TempoPredictor` fitted on a token cache's captions and bpms."""
-    from .conditioning import TempoPredictor
+def _cache_captions(tokens, field: str) -> tuple[list[str], list]:
+    """The captions of a token cache's clips and each clip's ``field`` (None where missing), from their side files."""
     from .data.dataset import TokenDataset
 
     data = TokenDataset(tokens)
-    texts, bpms = [], []
+    texts, values = [], []
     for clip in data.clips:
         side = data.root / clip["info"] if clip.get("info") else None
         if side is not None and side.exists():
             info = json.loads(side.read_text())
             texts.append(info.get("description", ""))
-            bpms.append(info.get("bpm"))
-    return TempoPredictor.fit(texts, bpms)
+            values.append(info.get(field))
+    return texts, values
+
+
+def fit_tempo_predictor(tokens):
+    """A :class:`~musicgen_lite.conditioning.TempoPredictor` fitted on a token cache's captions and bpms."""
+    from .conditioning import TempoPredictor
+
+    return TempoPredictor.fit(*_cache_captions(tokens, "bpm"))
 
 
 def fit_mode_predictor(tokens):
     """A :class:`~musicgen_lite.conditioning.ModePredictor` fitted on a token cache's captions and modes."""
     from .conditioning import ModePredictor
-    from .data.dataset import TokenDataset
 
-    data = TokenDataset(tokens)
-    texts, modes = [], []
-    for clip in data.clips:
-        side = data.root / clip["info"] if clip.get("info") else None
-        if side is not None and side.exists():
-            info = json.loads(side.read_text())
-            texts.append(info.get("description", ""))
-            modes.append(info.get("mode"))
-    return ModePredictor.fit(texts, modes)
+    return ModePredictor.fit(*_cache_captions(tokens, "mode"))
 
 
 def _init_lm_from(task: "LMTask", source, cfg, conditioner, fingerprint: dict) -> None:

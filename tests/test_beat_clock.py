@@ -191,13 +191,9 @@ def test_generation_keeps_the_stated_or_predicted_tempo():
         toy_musicgen().generate_codes(texts, bpm=120, **greedy)
 
 
-def test_each_window_and_the_null_rows_get_their_clock(monkeypatch):
-    """Windowed generation: window ``w`` starts at frame ``start`` of the piece, and its clock
-    says so; with guidance the null rows carry no clock. The fast loop gives the plain loop's
-    greedy tokens with the clock, through windows and a prompt."""
-    mg = _clocked_musicgen()
-    seen = []
-    forward = MusicLM.forward
+def spy_clocks(monkeypatch):
+    """Record every clock :meth:`MusicLM.forward` is given: ``(seen, the original forward)``."""
+    seen, forward = [], MusicLM.forward
 
     def spy(self, *a, clock=None, **kw):
         if clock is not None:
@@ -205,6 +201,15 @@ def test_each_window_and_the_null_rows_get_their_clock(monkeypatch):
         return forward(self, *a, clock=clock, **kw)
 
     monkeypatch.setattr(MusicLM, "forward", spy)
+    return seen, forward
+
+
+def test_each_window_and_the_null_rows_get_their_clock(monkeypatch):
+    """Windowed generation: window ``w`` starts at frame ``start`` of the piece, and its clock
+    says so; with guidance the null rows carry no clock. The fast loop gives the plain loop's
+    greedy tokens with the clock, through windows and a prompt."""
+    mg = _clocked_musicgen()
+    seen, forward = spy_clocks(monkeypatch)
     texts = ["slow piano at 100 bpm", "fast rock at 150 bpm"]
     plan = mg.plan_windows(50)  # 1 s: windows of 20 frames, each re-reading the last 8
     codes = mg.generate_codes(texts, duration=1.0, top_k=1, progress=False)

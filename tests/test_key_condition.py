@@ -183,20 +183,12 @@ def test_generation_keeps_the_stated_or_predicted_key(monkeypatch):
             mg.generate_codes(texts, key=bad, **greedy)
     with pytest.raises(ValueError, match="2 descriptions"):
         mg.generate_codes(texts, key=["minor"] * 3, **greedy)
-    from test_beat_clock import _clocked_musicgen
+    from test_beat_clock import _clocked_musicgen, spy_clocks
 
     with pytest.raises(ValueError, match="no key condition"):
         _clocked_musicgen().generate_codes(texts, key="minor", **greedy)
     # guidance: the rows get their key after the beat's columns, the null rows nothing; fast = plain
-    seen = []
-    forward = MusicLM.forward
-
-    def spy(self, *a, clock=None, **kw):
-        if clock is not None:
-            seen.append(clock.clone())
-        return forward(self, *a, clock=clock, **kw)
-
-    monkeypatch.setattr(MusicLM, "forward", spy)
+    seen, forward = spy_clocks(monkeypatch)
     mg.generate_codes(texts, cfg_coef=3.0, **greedy)
     want = torch.cat([beat_clock(mg.clock_bpms(texts), 50.0), key_features([(2, "minor"), (None, "major")])], 1)
     torch.testing.assert_close(seen[0], torch.cat([want, torch.zeros_like(want)]))
