@@ -244,6 +244,8 @@ class MusicGen(nn.Module):
         else:
             fallback = [(f["tonic"], f["mode"]) for f in map(caption_facts, descriptions)]
             fallback = [k if d.strip() else (None, None) for k, d in zip(fallback, descriptions)]
+        from .lm import key_features
+
         out = []
         for k, f in zip(given, fallback):
             if isinstance(k, str):
@@ -251,9 +253,12 @@ class MusicGen(nn.Module):
                 if facts["mode"] is None:
                     raise ValueError(f"key must name a mode, as 'A minor' or 'minor', got {k!r}")
                 k = (facts["tonic"], facts["mode"])
-            if k is not None and (not isinstance(k, tuple) or len(k) != 2 or k[1] not in ("major", "minor", None)
-                                  or not (k[0] is None or (type(k[0]) is int and 0 <= k[0] < 12))):
-                raise ValueError(f"key must be a name or a (tonic 0-11 | None, 'major' | 'minor') pair, got {k!r}")
+            if k is not None:
+                try:
+                    key_features([k])  # a (tonic 0-11 | None, mode) pair, checked where it is read
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"key must be a name or a (tonic 0-11 | None, 'major' | 'minor') pair, "
+                                     f"got {k!r}") from e
             out.append(f if k is None else k)
         return out
 

@@ -329,6 +329,7 @@ class KVCache:
         self.prefix = 0  # positions taken by a prepended condition (prepend mode), counted in pos
         self.melody: torch.Tensor | None = None  # melody_mode "add": the chroma rows [B, melody_rows, D]
         self.clock: torch.Tensor | None = None  # beat_clock: the rows' clock [B, 2] (beat_clock())
+        self.key_bias: torch.Tensor | None = None  # key_condition: the key's map [B, 1, D], the same every step
 
     @property
     def tokens(self) -> int:
@@ -337,7 +338,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = self.prefix = 0
-        self.melody = self.clock = None
+        self.melody = self.clock = self.key_bias = None
         self.cross = [None] * len(self.cross)
         self.cross_mask = self.cross_gate = self.cross_bias = self.cross_folded = None
 
@@ -730,18 +731,26 @@ class MusicLM(nn.Module):
                 raise ValueError(f"clock must be [B={x.shape[0]}, {width}] ({what}), got {list(clock.shape)}")
             clock = clock.to(x.device, torch.float64)
             if cache is not None:
-                cache.clock = clock
+                cache.clock, cache.key_bias = clock, None
         steps = torch.arange(first, first + x.shape[1], device=x.device)
-        return self._key(x + self.beat(clock_features(clock, steps, self.clock_periods).to(x.dtype)), clock)
+        return self._key(x + self.beat(clock_features(clock, steps, self.clock_periods).to(x.dtype)), clock, cache)
 
     @property
     def clock_width(self) -> int:
         """Columns of the ``clock`` :meth:`forward` takes: 2, or ``2 + KEY_FEATURES`` with a key condition."""
         return 2 + (KEY_FEATURES if self.key is not None else 0)
 
-    def _key(self, x, clock):
-        """``x[B, S, D]`` + the key condition's map of the clock's key columns (the same at every step)."""
-        return x if self.key is None else x + self.key(clock[:, 2:].to(x.dtype)).unsqueeze(1)
+    def _key(self, x, clock, cache: KVCache | None = None):
+        """``x[B, S, D]`` + the key condition's map of the clock's key columns: the same at every
+        step, so a cached generation computes it once (``cache.key_bias``)."""
+        if self.key is None:
+            return x
+        bias = cache.key_bias if cache is not None else None
+        if bias is None or bias.dtype != x.dtype:
+            bias = self.key(clock[:, 2:].to(x.dtype)).unsqueeze(1)  # (B, 1, D)
+            if cache is not None:
+                cache.key_bias = bias
+        return x + bias
 
     def decode_step(self, seq: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step with static shapes: ``seq[B, K, 1]`` at cache position ``pos`` -> ``logits[B, K, bins]``.
@@ -767,7 +776,7 @@ class MusicLM(nn.Module):
             x = x + cache.melody.index_select(1, row).to(x.dtype)
         if cache.clock is not None:  # this step's beat phase (its token step: pos less the prefix)
             feats = clock_features(cache.clock, pos - cache.prefix, self.clock_periods)  # (B, 1, F)
-            x = self._key(x + self.beat(feats.to(x.dtype)), cache.clock)
+            x = self._key(x + self.beat(feats.to(x.dtype)), cache.clock, cache)
         x = x + self.positions(cache.max_len, seq.device).index_select(0, pos).to(x.dtype)  # + (1, D)
         positions = torch.arange(cache.max_len, device=seq.device)
         visible = (positions <= pos).view(1, 1, 1, cache.max_len)  # this step sees the prefix and itself

@@ -758,7 +758,7 @@ def window_clock(infos, frame_rate: float, key_columns: bool = False, with_key: 
     (:func:`~musicgen_lite.lm.key_features`, from its ``tonic`` and ``mode``); zeros with
     ``with_key=False``; ``keep_tonic``: one bool per row, False leaves that row's mode alone
     (training drops tonics so that a predicted mode without a tonic is a condition it knows)."""
-    from .conditioning import _PITCH_CLASS
+    from .conditioning import _PITCH_CLASS, MODES
     from .lm import beat_clock, key_features
 
     clock = beat_clock([info.get("bpm") for info in infos], frame_rate,
@@ -767,7 +767,7 @@ def window_clock(infos, frame_rate: float, key_columns: bool = False, with_key: 
         return clock
     keep = [True] * len(infos) if keep_tonic is None else list(keep_tonic)
     keys = [(_PITCH_CLASS.get(str(info.get("tonic"))) if k else None,
-             info.get("mode") if info.get("mode") in ("major", "minor") else None) for info, k in zip(infos, keep)]
+             info.get("mode") if info.get("mode") in MODES else None) for info, k in zip(infos, keep)]
     key = key_features(keys)
     return torch.cat([clock, key if with_key else torch.zeros_like(key)], dim=1)
 

@@ -51,7 +51,7 @@ def test_a_zero_key_map_is_the_clocked_lm_without_a_key():
         keyed.key.weight.normal_()
     out = keyed(seq, cond, clock=clock)
     assert not torch.allclose(out, ref)
-    # the key is one vector added to every step: the same as adding it to the token embeddings' sum
+    # rows without a key: the clocked LM
     torch.testing.assert_close(keyed(seq, cond, clock=_clock([120, 75], [(None, None)] * 2)), ref)
     other = keyed(seq, cond, clock=_clock([120, 75], [(9, "major"), (None, "major")]))
     assert torch.equal(other[1], out[1]) and not torch.allclose(other[0], out[0])  # rows are their own
@@ -79,6 +79,7 @@ def test_cached_lean_and_static_steps_see_the_same_key(mode):
         for s in range(8, 12):  # the static step reads the key from the cache
             steps.append(lm.decode_step(seq[..., s:s + 1], torch.tensor([P + s]), cache).unsqueeze(2))
     torch.testing.assert_close(torch.cat(steps, dim=2), full, rtol=1e-4, atol=1e-4)
+    assert cache.key_bias is not None  # the key's map, once per generation
 
 
 MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)

@@ -493,26 +493,37 @@ def test_lm_caption_facts_from_a_model_without_them(tmp_path, codec_and_tokens):
         train_lm(tmp_path / "none", cache, steps=1, caption_facts=True, **{**kw, "conditioner": None})
 
 
+def _added_on_a_source(tmp_path, codec_and_tokens, name: str, kw: dict, **added):
+    """A 2-step source model (``kw``), exported, then a run ``name`` that adds ``added`` to it
+    at lr 0 with validation: the source's LM must carry over exactly. Returns (run, cache)."""
+    from musicgen_lite.hub import save_checkpoint
+    from musicgen_lite.training import export_musicgen, train_lm
+
+    codec, cache = codec_and_tokens
+    save_checkpoint(tmp_path / "codec", codec, codec.config.to_dict())
+    first = train_lm(tmp_path / "first", cache, steps=2, **kw)
+    source = export_musicgen(tmp_path / "first", tmp_path / "codec", tmp_path / "model", dtype=None)
+    run = train_lm(tmp_path / name, cache, steps=2, init_from=source, lr=0.0, eval_tokens=cache, eval_every=2,
+                   **kw, **added)
+    own = run["model"].lm.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in first["model"].lm.state_dict().items())
+    return run, cache
+
+
 def test_lm_beat_clock_from_a_model_without_one(tmp_path, codec_and_tokens):
     """``beat_clock=True`` on top of a model without a clock: the LM carries over exactly (lr 0)
     and its clock map starts at zero (the same LM); each window's clock comes from its clip's
     bpm and start frame; the tempo predictor is fitted on the cache's captions and travels
     with the export, and the loaded model keeps the stated tempo, else the predicted one."""
     from musicgen_lite.data.dataset import TokenDataset
-    from musicgen_lite.hub import load_musicgen, save_checkpoint
+    from musicgen_lite.hub import load_musicgen
     from musicgen_lite.lm import beat_clock
     from musicgen_lite.training import export_musicgen, fit_tempo_predictor, train_lm, window_clock
 
-    codec, cache = codec_and_tokens
-    save_checkpoint(tmp_path / "codec", codec, codec.config.to_dict())
     kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False)
-    first = train_lm(tmp_path / "first", cache, steps=2, **kw)
-    source = export_musicgen(tmp_path / "first", tmp_path / "codec", tmp_path / "model", dtype=None)
-    run = train_lm(tmp_path / "clock", cache, steps=2, init_from=source, beat_clock=True, lr=0.0,
-                   eval_tokens=cache, eval_every=2, **kw)
-    clocked, src = run["model"], first["model"]
+    run, cache = _added_on_a_source(tmp_path, codec_and_tokens, "clock", kw, beat_clock=True)
+    clocked = run["model"]
     assert clocked.lm.config.beat_clock and clocked.lm.beat.weight.abs().sum() == 0
-    assert all(torch.equal(v, clocked.lm.state_dict()[k]) for k, v in src.lm.state_dict().items())
     assert run["log"][-1]["val_clock_gain"] == 0.0  # a zero clock map: the clock is worth nothing yet
     # the windows' clocks: the clip's bpm, from the window's first frame
     data = TokenDataset(cache, segment_frames=20, random_segments=True, seed=3)
@@ -539,20 +550,14 @@ def test_lm_key_condition_from_a_clocked_model_without_one(tmp_path, codec_and_t
     fitted on the cache's captions and travels with the export."""
     from musicgen_lite.conditioning import _PITCH_CLASS
     from musicgen_lite.data.dataset import TokenDataset
-    from musicgen_lite.hub import load_musicgen, save_checkpoint
+    from musicgen_lite.hub import load_musicgen
     from musicgen_lite.lm import beat_clock, key_features
     from musicgen_lite.training import export_musicgen, fit_mode_predictor, train_lm, window_clock
 
-    codec, cache = codec_and_tokens
-    save_checkpoint(tmp_path / "codec", codec, codec.config.to_dict())
     kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False, beat_clock=True)
-    first = train_lm(tmp_path / "first", cache, steps=2, **kw)
-    source = export_musicgen(tmp_path / "first", tmp_path / "codec", tmp_path / "model", dtype=None)
-    run = train_lm(tmp_path / "key", cache, steps=2, init_from=source, key_condition=True, lr=0.0,
-                   eval_tokens=cache, eval_every=2, **kw)
-    keyed, src = run["model"], first["model"]
+    run, cache = _added_on_a_source(tmp_path, codec_and_tokens, "key", kw, key_condition=True)
+    keyed = run["model"]
     assert keyed.lm.config.key_condition and keyed.lm.key.weight.abs().sum() == 0
-    assert all(torch.equal(v, keyed.lm.state_dict()[k]) for k, v in src.lm.state_dict().items())
     assert run["log"][-1]["val_key_gain"] == 0.0
     data = TokenDataset(cache, segment_frames=20, random_segments=True, seed=3)
     infos = [data[i][1] for i in range(4)]
