@@ -83,8 +83,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     temperature=args.temperature, seed=args.seed, progress=not args.quiet)
     if args.bpm is not None:  # a beat-clock model only (checked, with a clear error, by the model)
         sampling["bpm"] = args.bpm
-    if args.key is not None:  # a key-conditioned model only (checked by the model)
+    if args.key is not None:  # a key-conditioned or key-guided model only (checked by the model)
         sampling["key"] = args.key
+    if args.key_guidance is not None:  # a model with a key guide only (checked by the model)
+        sampling["key_guidance"] = args.key_guidance
     if args.melody is not None:
         if not hasattr(model, "generate_with_chroma"):
             raise ValueError("this model has no melody conditioning")
@@ -445,8 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the tempo to keep (a model with a beat clock; default: the caption's bpm, else the "
                         "model's guess from its words)")
     g.add_argument("--key", default=None,
-                   help='the key or mode to keep, e.g. "A minor" or "minor" (a model with a key condition; '
-                        "default: the caption's key or mode, else the model's guess of the mode from its words)")
+                   help='the key or mode to keep, e.g. "A minor" or "minor" (a model with a key condition or a '
+                        "key guide; default: the caption's key or mode, else the model's guess of the mode from "
+                        "its words)")
+    g.add_argument("--key-guidance", type=float, default=None,
+                   help="how hard to steer the first codebook's tokens toward the key (a model with a key guide; "
+                        "0: off; default: the model's own, see its card)")
     g.add_argument("--top-k", type=int, default=250)
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--temperature", type=float, default=1.0)

@@ -18,7 +18,11 @@
   phase the LM reads at every step, dropped with the other conditions in the null rows.
 - ``mode_predictor`` (a key-conditioned LM only, ``LMConfig.key_condition``): a
   :class:`~musicgen_lite.conditioning.ModePredictor` that gives a caption stating no mode its
-  likely one; each row's key rides on its beat clock.
+  likely one; each row's key rides on its beat clock. Any model may carry one: key guidance
+  reads it too.
+- ``key_guide`` (optional): a :class:`~musicgen_lite.key_guidance.KeyGuide` whose bias steers
+  codebook 0's tokens toward each row's mode (the stated or predicted one) at every step, with
+  the strength it was saved with unless ``key_guidance=`` says otherwise (0: off).
 
 Generation fills a sequence ``seq[B, K, S + 1]`` step by step with a preallocated KV cache:
 the LM reads position ``s`` and its K heads predict step ``s + 1``; where the pattern has a
@@ -67,7 +71,7 @@ class MusicGen(nn.Module):
 
     def __init__(self, codec, lm: MusicLM, conditioner=None, pattern: Pattern | str = "delay",
                  max_duration: float = 30.0, extend_stride: float = 18.0, melody_conditioner=None,
-                 cfg_coef: float = DEFAULT_CFG, tempo=None, mode_predictor=None):
+                 cfg_coef: float = DEFAULT_CFG, tempo=None, mode_predictor=None, key_guide=None):
         super().__init__()
         if melody_conditioner is not None and lm.config.condition_mode != "prepend":
             raise ValueError("a melody_conditioner needs an LM with condition_mode='prepend' "
@@ -93,8 +97,11 @@ class MusicGen(nn.Module):
         self.cfg_coef = float(cfg_coef)
         # an LM with a beat clock: the bpm of a caption that states none (a TempoPredictor; saved with the model)
         self.tempo = tempo
-        # an LM with a key condition: the mode of a caption that states none (a ModePredictor; saved with the model)
+        # the mode of a caption that states none, for a key condition or key guidance (a ModePredictor; saved)
         self.mode_predictor = mode_predictor
+        if key_guide is not None and key_guide.bins != lm.config.bins:
+            raise ValueError(f"key_guide knows {key_guide.bins} tokens, the LM's codebooks have {lm.config.bins}")
+        self.key_guide = key_guide  # steers codebook 0 toward each row's mode (a KeyGuide; saved with the model)
         if lm.config.beat_clock and self.pattern.name not in CLOCK_PATTERNS:
             raise ValueError(f"a beat-clock LM counts one step per frame: pattern {' or '.join(CLOCK_PATTERNS)}, "
                              f"got {self.pattern.name!r}")
@@ -222,7 +229,16 @@ class MusicGen(nn.Module):
 
     def clock_keys(self, descriptions, key=None) -> list[tuple[int | None, str | None]] | None:
         """The ``(tonic, mode)`` each row's key condition holds (an LM with ``key_condition``; None
-        otherwise).
+        otherwise): :meth:`keys_for`."""
+        if not self.lm.config.key_condition:
+            if key is not None and self.key_guide is None:
+                raise ValueError("key: this model has no key condition (its LM was trained without one) "
+                                 "and no key guide")
+            return None
+        return self.keys_for(descriptions, key)
+
+    def keys_for(self, descriptions, key=None) -> list[tuple[int | None, str | None]]:
+        """The ``(tonic, mode)`` of each row, for a key condition or key guidance.
 
         ``key``: for every row, or a list of one per row (None entries fall back to the caption): a name
         such as ``"A minor"`` or ``"minor"``, or a ``(tonic 0-11 | None, mode)`` pair; not given:
@@ -232,10 +248,6 @@ class MusicGen(nn.Module):
         from .conditioning import caption_facts
 
         descriptions = [d or "" for d in descriptions]
-        if not self.lm.config.key_condition:
-            if key is not None:
-                raise ValueError("key: this model has no key condition (its LM was trained without one)")
-            return None
         given = list(key) if isinstance(key, list) else [key] * len(descriptions)
         if len(given) != len(descriptions):
             raise ValueError(f"key: {len(given)} keys for {len(descriptions)} descriptions")
@@ -261,6 +273,27 @@ class MusicGen(nn.Module):
                                      f"got {k!r}") from e
             out.append(f if k is None else k)
         return out
+
+    def _key_guidance(self, strength) -> float:
+        """The key guide's strength for a generation: ``strength`` (checked), or the guide's own; 0 without a guide."""
+        if strength is None:
+            return self.key_guide.strength if self.key_guide is not None else 0.0
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+                or strength < 0:
+            raise ValueError(f"key_guidance must be a number >= 0 (0: off), got {strength!r}")
+        if strength and self.key_guide is None:
+            raise ValueError("key_guidance: this model has no key guide (musicgen_lite.key_guidance.KeyGuide)")
+        return float(strength)
+
+    def _start_guide(self, guide, B: int, prompt: torch.Tensor | None):
+        """A window's key-guidance state (None without guidance), having seen the prompt's frames."""
+        if guide is None:
+            return None
+        keys, strength = guide
+        state = self.key_guide.start(keys, strength, self.device)
+        if prompt is not None:
+            state.observe(prompt[:, 0].to(self.device))
+        return state
 
     def _clock(self, bpms, start: int, guided: bool, keys=None):
         """The beat clock of a window whose first step predicts frame ``start``: ``[B, 2]``, or
@@ -322,16 +355,18 @@ class MusicGen(nn.Module):
     def _sample_window(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
                        top_k: int, top_p: float, temperature: float, generator, two_pass_cfg: bool,
                        bar=None, null_cond=None, fast: bool = False, cuda_graph: bool | None = None,
-                       bpms=None, start: int = 0, keys=None) -> torch.Tensor:
+                       bpms=None, start: int = 0, keys=None, guide=None) -> torch.Tensor:
         """``T`` frames of codes ``[B, K, T]`` in one window; ``prompt[B, K, Tp]`` codes are kept.
         ``bpms`` (a beat-clock LM, :meth:`clock_bpms`): each row's tempo, the window's first
         step predicting frame ``start`` of the piece; ``keys`` (a key-conditioned LM,
-        :meth:`clock_keys`): each row's ``(tonic, mode)``."""
+        :meth:`clock_keys`): each row's ``(tonic, mode)``; ``guide``: ``(keys, strength)`` of key
+        guidance (:attr:`key_guide`), or None."""
         if fast:
             return self._sample_window_static(cond, cond_mask, T, prompt, B, cfg_coef, top_k, top_p, temperature,
-                                              generator, bar, null_cond, cuda_graph, bpms, start, keys)
+                                              generator, bar, null_cond, cuda_graph, bpms, start, keys, guide)
         lm, pattern = self.lm, self.pattern
         seq, todo, first, S = self._start_window(T, prompt, B)
+        key_state = self._start_guide(guide, B, prompt)
 
         guided = cond is not None and cfg_coef != 1.0
         if guided:
@@ -359,7 +394,11 @@ class MusicGen(nn.Module):
         for s in range(first, S + 1):
             # read every position not yet read (the prefill: 0..first-1 at once), predict step s
             logits = step(seq[..., caches[0].tokens:s])  # (B, K, bins)
+            if key_state is not None:  # key guidance: codebook 0 leans toward each row's key
+                logits[:, 0] += key_state.bias().to(logits.dtype)  # logits: a fresh tensor of this step
             tokens = sampling.sample_next(logits, temperature, top_k, top_p, generator)  # (B, K)
+            if key_state is not None:
+                key_state.observe(tokens[:, 0], todo[0, s])
             seq[:, :, s] = torch.where(todo[:, s], tokens, seq[:, :, s])
             if bar is not None:
                 bar.update(1)
@@ -368,7 +407,8 @@ class MusicGen(nn.Module):
     @torch.no_grad()
     def _sample_window_static(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
                               top_k: int, top_p: float, temperature: float, generator, bar=None, null_cond=None,
-                              cuda_graph: bool | None = None, bpms=None, start: int = 0, keys=None) -> torch.Tensor:
+                              cuda_graph: bool | None = None, bpms=None, start: int = 0, keys=None,
+                              guide=None) -> torch.Tensor:
         """:meth:`_sample_window` with a static-shape step: no host sync inside the loop, and on
         CUDA one captured graph replayed per step (``cuda_graph=None``: when on CUDA).
 
@@ -396,13 +436,18 @@ class MusicGen(nn.Module):
         lm.positions(cache.max_len, device)  # the position table, before any capture
         sampler = sampling.NoiseSampler((B, K), lm.config.bins, temperature, top_k, top_p, generator, device)
         step = torch.tensor([first], device=device)  # (1,) the step being predicted
+        key_state = self._start_guide(guide, B, prompt)
 
         def commit(logits: torch.Tensor) -> None:  # (rows, K, bins) -> tokens of `step` in seq; step += 1
             logits = logits.float()
             if guided:
                 logits = sampling.cfg_from_batch(logits, cfg_coef)  # (B, K, bins)
+            if key_state is not None:  # key guidance, on the device like the rest
+                logits[:, 0] += key_state.bias()
             tokens = sampler(logits)  # (B, K)
             keep = todo.index_select(1, step).view(1, K)  # sample here, or keep the prompt / special token
+            if key_state is not None:
+                key_state.observe(tokens[:, 0], keep[:, 0])
             old = seq.index_select(2, step).view(B, K)
             seq.index_copy_(2, step, torch.where(keep, tokens, old).unsqueeze(-1))
             step.add_(1)
@@ -433,7 +478,8 @@ class MusicGen(nn.Module):
                        cfg_coef: float | None = None, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0,
                        seed: int | None = None, num_samples: int | None = None, two_pass_cfg: bool = False,
                        progress: bool = True, melody=None, melody_sample_rate: int | None = None,
-                       fast: bool = False, cuda_graph: bool | None = None, bpm=None, key=None) -> torch.Tensor:
+                       fast: bool = False, cuda_graph: bool | None = None, bpm=None, key=None,
+                       key_guidance: float | None = None) -> torch.Tensor:
         """Tokens for ``duration`` seconds: ``codes[B, K, T]`` (the prompt included when given).
 
         ``descriptions``: list of texts (``""`` / None: unconditional rows); None with
@@ -450,7 +496,8 @@ class MusicGen(nn.Module):
         on a beat at the first frame (a prompt's first frame, when given). ``key`` (a model whose
         LM has a key condition): "A minor", "minor" or ``(tonic, mode)``, or one per row; None: the
         caption's stated key or mode, else the model's guess of the mode from its words
-        (:meth:`clock_keys`).
+        (:meth:`keys_for`); a model with a :attr:`key_guide` steers toward it too. ``key_guidance``
+        (a model with a key guide): the guide's strength, 0 = off; None: the strength it was saved with.
         """
         if cfg_coef is None:
             cfg_coef = self.cfg_coef
@@ -485,10 +532,15 @@ class MusicGen(nn.Module):
                 raise ValueError(f"{len(melody)} melodies for {B} descriptions")
         cond, cond_mask = self.condition(descriptions, melody)
         bpms, keys = self.clock_bpms(descriptions, bpm), self.clock_keys(descriptions, key)
+        strength = self._key_guidance(key_guidance)
+        if key is not None and not keys and not strength:
+            raise ValueError("key: key guidance is off (key_guidance=0) and the LM has no key condition: "
+                             "nothing would read it")
+        guide_keys = (keys or self.keys_for(descriptions, key)) if strength else None
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         opts = dict(B=B, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
                     generator=generator, two_pass_cfg=two_pass_cfg, fast=fast, cuda_graph=cuda_graph,
-                    null_cond=self.null_condition(cond, cond_mask) if cond is not None else None)
+                    guide=(guide_keys, strength) if strength else None, null_cond=self.null_condition(cond, cond_mask) if cond is not None else None)
 
         plan = self.plan_windows(T, Tp)
         bar = None

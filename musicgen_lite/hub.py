@@ -329,8 +329,14 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
               "cfg_coef": model.cfg_coef}
     if getattr(model, "tempo", None) is not None:  # a beat-clock model's tempo predictor (word weights)
         config["tempo"] = model.tempo.to_dict()
-    if getattr(model, "mode_predictor", None) is not None:  # a key-conditioned model's mode predictor
+    if getattr(model, "mode_predictor", None) is not None:  # the mode of captions that state none
         config["mode_predictor"] = model.mode_predictor.to_dict()
+    guide = getattr(model, "key_guide", None)
+    if guide is not None:  # key guidance: its token chroma table, tied to the codec's codes
+        from .data.dataset import codec_fingerprint
+
+        state.update({f"key_guide.{k}": v for k, v in guide.state_dict().items()})
+        config["key_guide"] = {**guide.to_config(), "codec": codec_fingerprint(model.codec)}
     if codec_path is not None:
         config["codec_path"] = str(codec_path)
     return save_checkpoint(path, state, config, extra, dtype=dtype)
@@ -419,12 +425,25 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
         if missing or unexpected:
             raise ValueError(f"{path}: melody conditioner weights do not match (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
+    key_guide = None
+    if config.get("key_guide"):
+        from .data.dataset import codec_fingerprint
+        from .key_guidance import KeyGuide
+
+        spec = config["key_guide"]
+        if spec.get("codec") != codec_fingerprint(codec):
+            raise ValueError(f"{path}: the key guide was learned from another codec's tokens than this model's codec")
+        try:
+            key_guide = KeyGuide(state["key_guide.chroma"].float(), state["key_guide.counts"].float(),
+                                 spec["strength"], spec["prior"])
+        except KeyError as e:
+            raise ValueError(f"{path}: config.json names a key guide but the weights lack {e}") from None
     model = MusicGen(codec, lm, conditioner, config.get("pattern", "delay"), config.get("max_duration", 30.0),
                      config.get("extend_stride", 18.0), melody_conditioner=melody,
                      cfg_coef=config.get("cfg_coef", DEFAULT_CFG),
                      tempo=TempoPredictor.from_dict(config["tempo"]) if config.get("tempo") else None,
                      mode_predictor=ModePredictor.from_dict(config["mode_predictor"]) if config.get("mode_predictor")
-                     else None)
+                     else None, key_guide=key_guide)
     return model.to(device).eval()
 
 
