@@ -435,7 +435,7 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
             raise ValueError(f"{path}: the key guide was learned from another codec's tokens than this model's codec")
         try:
             key_guide = KeyGuide(state["key_guide.chroma"].float(), state["key_guide.counts"].float(),
-                                 spec["strength"], spec["prior"])
+                                 spec["strength"], spec["prior"], spec.get("cap"))
         except KeyError as e:
             raise ValueError(f"{path}: config.json names a key guide but the weights lack {e}") from None
     model = MusicGen(codec, lm, conditioner, config.get("pattern", "delay"), config.get("max_duration", 30.0),

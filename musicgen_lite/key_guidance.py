@@ -15,8 +15,12 @@ simplest classifier there is:
 2. **Each token's fit to a key.** A key ``(tonic, mode)`` has a profile: Temperley's major or
    minor weights, rotated to the tonic (the profiles our key-finder uses). A token's *score* is
    the correlation of its chroma with the profile, standardised over the tokens (mean 0, std 1).
-3. **The bias.** At every step the guided logits of codebook 0 get ``strength * score``: tokens
-   that sound like the key become likelier, the others less likely, before top-k.
+3. **The bias.** At every step the guided logits of codebook 0 get ``strength * score``, the
+   score capped at ``+-cap``: tokens that sound like the key become likelier, the others less
+   likely, before top-k. The cap matters: uncapped, the few tokens whose chroma is nothing but
+   the key (scores of 3 and more) take over and the audio sounds less like music. On 100
+   validation captions at strength 4: FAD 7.8 uncapped and 4.5 capped at 1.5 (4.4 unguided),
+   mode 0.73 and 0.69 (0.44 unguided).
 4. **Which tonic.** A caption that names the key ("in D minor") fixes it. One that gives only
    the mode (stated, or guessed from its words by a
    :class:`~musicgen_lite.conditioning.ModePredictor`) leaves the tonic to the music: after each
@@ -39,8 +43,9 @@ from torch import nn
 from .data.analysis import TEMPERLEY_MAJOR, TEMPERLEY_MINOR
 from .data.music import MODES
 
-DEFAULT_STRENGTH = 3.0  # chosen on validation captions (held-out seed 999003); see the default's card
+DEFAULT_STRENGTH = 4.0  # with the cap below, chosen on validation captions (held-out seed 999003); the default's card
 DEFAULT_PRIOR = 5.0  # pseudo frames of the mean chroma in every token's mean
+DEFAULT_CAP = 1.5  # scores beyond +-cap count as +-cap
 
 
 def key_profiles() -> torch.Tensor:
@@ -65,19 +70,21 @@ class KeyGuide(nn.Module):
 
     ``chroma[bins, 12]``: the tokens' mean chroma (already pulled toward the overall mean);
     ``counts[bins]``: the frames each was seen in; ``strength``: the bias per unit of score
-    (0: none). Build one with :meth:`fit` or :meth:`from_audio`; a generation holds a
-    :class:`GuideState` (:meth:`start`).
+    (0: none); ``cap``: the largest score, either way (None: uncapped). Build one with
+    :meth:`fit` or :meth:`from_audio`; a generation holds a :class:`GuideState` (:meth:`start`).
     """
 
     def __init__(self, chroma: torch.Tensor, counts: torch.Tensor, strength: float = DEFAULT_STRENGTH,
-                 prior: float = DEFAULT_PRIOR):
+                 prior: float = DEFAULT_PRIOR, cap: float | None = DEFAULT_CAP):
         super().__init__()
         if chroma.dim() != 2 or chroma.shape[1] != 12 or counts.shape != chroma.shape[:1]:
             raise ValueError(f"chroma must be [bins, 12] and counts [bins], got {list(chroma.shape)} and "
                              f"{list(counts.shape)}")
         if not (isinstance(strength, (int, float)) and np.isfinite(strength) and strength >= 0):
             raise ValueError(f"strength must be a number >= 0, got {strength!r}")
-        self.strength, self.prior = float(strength), float(prior)
+        if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):
+            raise ValueError(f"cap must be a number > 0 or None, got {cap!r}")
+        self.strength, self.prior, self.cap = float(strength), float(prior), None if cap is None else float(cap)
         self.register_buffer("chroma", chroma.float())
         self.register_buffer("counts", counts.float())
         self.register_buffer("profiles", key_profiles(), persistent=False)
@@ -88,37 +95,40 @@ class KeyGuide(nn.Module):
         return self.chroma.shape[0]
 
     def _scores(self) -> torch.Tensor:
-        """``[2, 12, bins]``: each token's correlation with each key's profile, standardised over tokens."""
+        """``[2, 12, bins]``: each token's correlation with each key's profile, standardised over
+        tokens, capped at ``+-cap``."""
         c = self.chroma - self.chroma.mean(1, keepdim=True)
         c = c / c.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8)  # standardised rows (a flat chroma: 0)
         corr = torch.einsum("mtj,bj->mtb", self.profiles, c) / 12  # Pearson correlation per token
-        return (corr - corr.mean(-1, keepdim=True)) / corr.std(-1, keepdim=True).clamp_min(1e-8)
+        z = (corr - corr.mean(-1, keepdim=True)) / corr.std(-1, keepdim=True).clamp_min(1e-8)
+        return z if self.cap is None else z.clamp(-self.cap, self.cap)
 
     def score(self, tonic: int, mode: str) -> torch.Tensor:
-        """``[bins]``: every token's standardised fit to the key ``(tonic 0-11, "major" | "minor")``."""
+        """``[bins]``: every token's standardised (and capped) fit to the key ``(tonic 0-11, "major" | "minor")``."""
         return self.scores[MODES.index(mode), tonic]
 
     # ---------------------------------------------------------------------------- building
     @classmethod
     def fit(cls, tokens: torch.Tensor, chroma: torch.Tensor, bins: int, prior: float = DEFAULT_PRIOR,
-            strength: float = DEFAULT_STRENGTH) -> "KeyGuide":
+            strength: float = DEFAULT_STRENGTH, cap: float | None = DEFAULT_CAP) -> "KeyGuide":
         """``tokens[N]`` (codebook-0 ids of N frames) and ``chroma[N, 12]`` (those frames' chroma) ->
         each token's mean chroma with ``prior`` pseudo frames of the overall mean."""
         sums, counts = _accumulate(tokens, chroma, bins)
-        return cls._from_sums(sums, counts, prior, strength)
+        return cls._from_sums(sums, counts, prior, strength, cap)
 
     @classmethod
-    def _from_sums(cls, sums, counts, prior, strength) -> "KeyGuide":
+    def _from_sums(cls, sums, counts, prior, strength, cap) -> "KeyGuide":
         if counts.sum() == 0:
             raise ValueError("no frames to learn the tokens' chroma from")
         mean = sums.sum(0) / counts.sum()
         chroma = (sums + prior * mean) / (counts[:, None] + prior).clamp_min(1e-12)
         chroma[counts + prior == 0] = mean  # never seen (and no prior): the overall mean, a zero score
-        return cls(chroma, counts, strength, prior)
+        return cls(chroma, counts, strength, prior, cap)
 
     @classmethod
     def from_audio(cls, codec, clips, batch_size: int = 8, prior: float = DEFAULT_PRIOR,
-                   strength: float = DEFAULT_STRENGTH, progress: bool = False) -> "KeyGuide":
+                   strength: float = DEFAULT_STRENGTH, cap: float | None = DEFAULT_CAP,
+                   progress: bool = False) -> "KeyGuide":
         """A guide learned from audio: ``clips``, an iterable of mono clips ``[1, N]`` (or ``[N]``)
         at the codec's sample rate, each encoded by ``codec`` (codebook 0) and paired frame by
         frame with its CENS chroma (:func:`frame_chroma` at the codec's hop). Clips of unequal
@@ -155,7 +165,7 @@ class KeyGuide(nn.Module):
             if len(pending) >= batch_size:
                 flush()
         flush()
-        return cls._from_sums(sums.float(), counts.float(), prior, strength)
+        return cls._from_sums(sums.float(), counts.float(), prior, strength, cap)
 
     # ------------------------------------------------------------------------- generation
     def start(self, keys, strength: float | None = None, device=None) -> "GuideState":
@@ -170,7 +180,7 @@ class KeyGuide(nn.Module):
                           torch.zeros(B, 1, device=device), strength)
 
     def to_config(self) -> dict:
-        return {"strength": self.strength, "prior": self.prior, "bins": self.bins}
+        return {"strength": self.strength, "prior": self.prior, "cap": self.cap, "bins": self.bins}
 
 
 @dataclass

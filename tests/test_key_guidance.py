@@ -45,13 +45,18 @@ def test_fit_is_each_tokens_mean_chroma_pulled_toward_the_mean():
         KeyGuide.fit(tokens, chroma, bins=5, strength=-1.0)
 
 
-def test_a_score_is_the_standardised_correlation_with_the_rotated_profile():
-    guide = _guide(bins=32)
+def test_a_score_is_the_standardised_correlation_with_the_rotated_profile_capped():
+    guide = _guide(bins=32, cap=None)
+    capped = KeyGuide(guide.chroma, guide.counts, cap=1.0)
     c = guide.chroma.double().numpy()
     for tonic, mode, ref in ((0, "major", TEMPERLEY_MAJOR), (9, "minor", TEMPERLEY_MINOR), (4, "minor", TEMPERLEY_MINOR)):
         corr = np.array([np.corrcoef(row, np.roll(ref, tonic))[0, 1] for row in c])
         want = (corr - corr.mean()) / corr.std(ddof=1)
         np.testing.assert_allclose(guide.score(tonic, mode).numpy(), want, atol=1e-5)
+        assert np.abs(want).max() > 1.2  # so that the cap bites
+        np.testing.assert_allclose(capped.score(tonic, mode).numpy(), want.clip(-1, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="cap must be"):
+        KeyGuide(guide.chroma, guide.counts, cap=0.0)
     prof = key_profiles()
     assert prof.shape == (2, 12, 12)
     np.testing.assert_allclose(prof[1, 9].numpy(), (np.roll(TEMPERLEY_MINOR, 9) - TEMPERLEY_MINOR.mean())
@@ -124,7 +129,7 @@ def _guided_musicgen(strength=3.0):
     from musicgen_lite.conditioning import ModePredictor
 
     mg = toy_musicgen()
-    mg.key_guide = _guide(bins=mg.lm.config.bins, strength=strength)
+    mg.key_guide = _guide(bins=mg.lm.config.bins, strength=strength, cap=None)  # uncapped: one best token per key
     mg.mode_predictor = ModePredictor.fit(["sad piano", "sunny rock"], ["minor", "major"])
     return mg
 
@@ -190,7 +195,7 @@ def test_a_saved_model_keeps_its_guide(tmp_path):
     model.key_guide = _guide(bins=model.lm.config.bins, strength=1.5)
     model.save(tmp_path / "m", conditioner={"name": "learned", "kwargs": {"dim": 32}})
     again = MusicGen.load(tmp_path / "m")
-    assert again.key_guide.strength == 1.5 and again.key_guide.prior == model.key_guide.prior
+    assert (again.key_guide.strength, again.key_guide.prior, again.key_guide.cap) == (1.5, 5.0, 1.5)
     assert torch.equal(again.key_guide.chroma, model.key_guide.chroma)
     opts = dict(duration=0.2, seed=0, progress=False, key="A minor")
     assert torch.equal(again.generate_codes(["a song"], **opts), model.generate_codes(["a song"], **opts))
