@@ -335,8 +335,10 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
     if guide is not None:  # key guidance: its token chroma table, tied to the codec's codes
         from .data.dataset import codec_fingerprint
 
-        state.update({f"key_guide.{k}": v for k, v in guide.state_dict().items()})
-        config["key_guide"] = {**guide.to_config(), "codec": codec_fingerprint(model.codec)}
+        state.update({"key_guide.chroma": guide.chroma, "key_guide.counts": guide.counts.round().long()})  # counts exact
+        # the codec as it will load: a copy stored in fp16 hashes differently from the one in memory
+        stored_codec = load_codec(path / "codec") if codec_path is None else model.codec
+        config["key_guide"] = {**guide.to_config(), "codec": codec_fingerprint(stored_codec)}
     if codec_path is not None:
         config["codec_path"] = str(codec_path)
     return save_checkpoint(path, state, config, extra, dtype=dtype)

@@ -197,6 +197,10 @@ def test_a_saved_model_keeps_its_guide(tmp_path):
     again = MusicGen.load(tmp_path / "m")
     assert (again.key_guide.strength, again.key_guide.prior, again.key_guide.cap) == (1.5, 5.0, 1.5)
     assert torch.equal(again.key_guide.chroma, model.key_guide.chroma)
+    model.save(tmp_path / "half", conditioner={"name": "learned", "kwargs": {"dim": 32}}, dtype=torch.float16)
+    half = MusicGen.load(tmp_path / "half").key_guide
+    assert torch.equal(half.counts, model.key_guide.counts)  # whole numbers, never cast
+    torch.testing.assert_close(half.chroma, model.key_guide.chroma, atol=1e-3, rtol=0)
     opts = dict(duration=0.2, seed=0, progress=False, key="A minor")
     assert torch.equal(again.generate_codes(["a song"], **opts), model.generate_codes(["a song"], **opts))
     # a guide learned from another codec's tokens is refused
