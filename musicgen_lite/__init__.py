@@ -14,6 +14,7 @@ from . import sampling
 from .conditioning import (ChromaExtractor, ConditionDropout, LearnedTextConditioner, MelodyConditioner,
                            SentenceConditioner, T5Conditioner, TempoPredictor, get_conditioner)
 from .generation import MusicGen, TransformersCodec, from_transformers_musicgen, from_transformers_musicgen_melody
+from .key_guidance import KeyGuide
 from .lm import KVCache, LMConfig, MusicLM, beat_clock, from_transformers_decoder, lm_config
 from .metrics import chroma_cosine_similarity, clap_score, fad, frechet_distance, kl_divergence
 from .data import AudioDataset, TokenDataset, build_token_cache, compose, compose_corpus, make_dataset, read_manifest, render, synth_clip, write_manifest
@@ -29,7 +30,7 @@ __all__ = [
     "save_musicgen", "evaluate_codec", "export_codec", "export_musicgen", "train_codec", "train_lm", "validation_loss",
     "sampling", "ChromaExtractor", "ConditionDropout", "LearnedTextConditioner", "SentenceConditioner", "T5Conditioner",
     "MelodyConditioner", "TempoPredictor", "get_conditioner", "MusicGen", "TransformersCodec", "from_transformers_musicgen",
-    "from_transformers_musicgen_melody",
+    "from_transformers_musicgen_melody", "KeyGuide",
     "KVCache", "LMConfig", "MusicLM", "beat_clock", "from_transformers_decoder", "lm_config",
     "chroma_cosine_similarity", "clap_score", "fad", "frechet_distance", "kl_divergence",
     "AudioDataset", "AudioError", "TokenDataset", "build_token_cache", "SCALES", "ScaleConfig", "compose", "compose_corpus", "get_config",

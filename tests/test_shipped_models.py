@@ -54,9 +54,29 @@ def test_shipped_model_fits_its_codec_and_its_card():
     assert all(line in card for line in target_lines(result))  # the card says what its eval.json measured
     assert f"| FAD (lower better) | {result['fad']['value']:.3f} |" in card
     assert model.cfg_coef == result["setup"]["generate"]["cfg_coef"]  # it generates as it was measured
+    guide = model.key_guide
+    assert (guide.strength if guide is not None else None) == result["setup"]["generate"].get("key_guidance")
     from musicgen_lite.lm_card import caption_gain_line
 
     assert caption_gain_line(result) is None or caption_gain_line(result) in card
+
+
+@needs_model
+def test_shipped_key_guide_favours_tokens_that_sound_like_the_key():
+    """For every key, the codebook-0 tokens that fit it best sound like it: the mean chroma of the
+    20 best is nearest that key's profile of all 24 (the key-finder's rule). Uncapped scores: at
+    the cap many tokens tie."""
+    from musicgen_lite.generation import MusicGen
+    from musicgen_lite.key_guidance import KeyGuide, key_profiles
+
+    shipped = MusicGen.load().key_guide
+    assert shipped is not None and (shipped.counts > 0).sum() > 0.9 * shipped.bins
+    guide = KeyGuide(shipped.chroma, shipped.counts, cap=None)
+    profiles = key_profiles().reshape(24, 12)
+    for m, mode in enumerate(("major", "minor")):
+        for tonic in range(12):
+            chroma = guide.chroma[guide.score(tonic, mode).topk(20).indices].mean(0)
+            assert int((profiles @ (chroma - chroma.mean())).argmax()) == 12 * m + tonic, (tonic, mode)
 
 
 @needs_model
@@ -95,6 +115,8 @@ def test_shipped_melody_model_fits_its_codec_follows_a_melody_and_its_card():
     card = (MELODY / "README.md").read_text()
     assert is_melody_result(result) and all(line in card for line in target_lines(result))
     assert model.cfg_coef == result["setup"]["generate"]["cfg_coef"]  # it generates as it was measured
+    guide = model.key_guide
+    assert (guide.strength if guide is not None else None) == result["setup"]["generate"].get("key_guidance")
 
 
 def test_committed_results_and_cards_carry_no_machine_paths():
