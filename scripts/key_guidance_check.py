@@ -6,7 +6,8 @@ Three subcommands:
 librosa's CENS chroma from the codec's quantized latents (codebooks 1, 2 or 4; 9 frames of
 context) on the 400 clips the codec was trained on; the key-finder's profiles then name the
 key of each clip's mean predicted chroma. Scored on the real held-out clips' tokens and on the
-tokens the model generates for the same captions (stated keys added, seed 0).
+tokens the model generates for the same captions (stated keys added, seed 0), without its key guide
+and, when it has one, with it.
 
 ``build``: attach a :class:`~musicgen_lite.key_guidance.KeyGuide` learned from the LM's training
 audio (``--data``, the token cache's clips) and a mode predictor fitted on its captions to a
@@ -75,8 +76,12 @@ def probe(args) -> dict:
     real, infos = load_clips(folder, 100, 6.0)
     real_codes = encode(real)
     captions = [caption_for_training(i, 1.0, None) for i in infos]  # every caption states its key
-    gen_codes = torch.cat([model.generate_codes(captions[b:b + 10], duration=6.0, seed=b // 10, progress=False,
-                                                key_guidance=0) for b in range(0, len(captions), 10)])
+    def generated(strength):
+        return torch.cat([model.generate_codes(captions[b:b + 10], duration=6.0, seed=b // 10, progress=False,
+                                               key_guidance=strength) for b in range(0, len(captions), 10)])
+
+    gen_codes = generated(0)
+    guided_codes = generated(None) if getattr(model, "key_guide", None) is not None else None  # its own strength
 
     def accuracy(keys):
         hits = np.array([(t == PITCH_CLASSES.index(i["tonic"]), m == i["mode"]) for (t, m), i in zip(keys, infos)])
@@ -108,6 +113,8 @@ def probe(args) -> dict:
             out["levels"][str(levels)] = {"real_tokens": accuracy(read(real_codes)),
                                           "generated_tokens_told_their_key": accuracy(read(gen_codes)),
                                           "train_mse": float(loss)}
+            if guided_codes is not None:
+                out["levels"][str(levels)]["the_same_with_key_guidance"] = accuracy(read(guided_codes))
         print(levels, json.dumps(out["levels"][str(levels)]), flush=True)
     return out
 
