@@ -19,6 +19,7 @@ from torch import nn
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+KEY_GUIDE_NAME = "key_guide.safetensors"  # a model folder's key guide, beside (not inside) its weights
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -293,6 +294,9 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
     ``codec_path``: instead of a ``codec/`` copy, a path relative to ``path`` of a codec
     checkpoint that holds the same weights (checked), for models shipped beside their codec.
 
+    A model with a key guide (``model.key_guide``) gets ``key_guide.safetensors`` beside the
+    weights, never cast (:func:`save_key_guide` adds one to a folder without rewriting them).
+
     A melody model (``model.melody_conditioner``) also stores its chroma settings
     (``config["melody"]``, :func:`melody_spec`) and its projection (``melody_conditioner.proj.*``;
     the STFT window and chroma filters are rebuilt from the settings, never cast to fp16).
@@ -332,16 +336,37 @@ def save_musicgen(model, path, conditioner: dict | None = None, extra: dict | No
     if getattr(model, "mode_predictor", None) is not None:  # the mode of captions that state none
         config["mode_predictor"] = model.mode_predictor.to_dict()
     guide = getattr(model, "key_guide", None)
-    if guide is not None:  # key guidance: its token chroma table, tied to the codec's codes
-        from .data.dataset import codec_fingerprint
-
-        state.update({"key_guide.chroma": guide.chroma, "key_guide.counts": guide.counts.round().long()})  # counts exact
-        # the codec as it will load: a copy stored in fp16 hashes differently from the one in memory
-        stored_codec = load_codec(path / "codec") if codec_path is None else model.codec
-        config["key_guide"] = {**guide.to_config(), "codec": codec_fingerprint(stored_codec)}
+    if guide is not None:  # the codec as it will load: a copy stored in fp16 hashes differently from the one in memory
+        config["key_guide"] = _write_key_guide(path, guide, load_codec(path / "codec") if codec_path is None
+                                               else model.codec)
     if codec_path is not None:
         config["codec_path"] = str(codec_path)
     return save_checkpoint(path, state, config, extra, dtype=dtype)
+
+
+def _write_key_guide(path: Path, guide, codec) -> dict:
+    """``path/key_guide.safetensors`` (fp32 chroma, whole-number counts; never cast with the
+    weights) -> the ``config["key_guide"]`` entry, which ties it to ``codec``'s codes."""
+    from .data.dataset import codec_fingerprint
+
+    save_tensors(path / KEY_GUIDE_NAME, {"chroma": guide.chroma.float(), "counts": guide.counts.round().long()})
+    return {**guide.to_config(), "codec": codec_fingerprint(codec)}
+
+
+def save_key_guide(model_dir, guide) -> Path:
+    """Give an existing model folder a :class:`~musicgen_lite.key_guidance.KeyGuide` (or replace
+    its guide) without rewriting its weights: ``key_guide.safetensors`` and the ``key_guide``
+    entry of its ``config.json``, checked against the folder's codec."""
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / CONFIG_NAME).read_text())
+    if meta.get("config", {}).get("format") != MUSICGEN_FORMAT:
+        raise ValueError(f"{model_dir}: not a {MUSICGEN_FORMAT} model folder")
+    codec = load_codec(musicgen_codec_dir(model_dir))
+    if guide.bins != codec.cardinality:
+        raise ValueError(f"the key guide knows {guide.bins} tokens, the codec's codebooks have {codec.cardinality}")
+    meta["config"]["key_guide"] = _write_key_guide(model_dir, guide, codec)
+    save_json(model_dir / CONFIG_NAME, meta)
+    return model_dir
 
 
 def _holds_codec(codec_dir, state: dict[str, torch.Tensor], config: dict) -> bool:
@@ -435,11 +460,11 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
         spec = config["key_guide"]
         if spec.get("codec") != codec_fingerprint(codec):
             raise ValueError(f"{path}: the key guide was learned from another codec's tokens than this model's codec")
-        try:
-            key_guide = KeyGuide(state["key_guide.chroma"].float(), state["key_guide.counts"].float(),
-                                 spec["strength"], spec["prior"], spec.get("cap"))
-        except KeyError as e:
-            raise ValueError(f"{path}: config.json names a key guide but the weights lack {e}") from None
+        if not (path / KEY_GUIDE_NAME).is_file():
+            raise FileNotFoundError(f"{path}: config.json names a key guide but there is no {KEY_GUIDE_NAME}")
+        table = load_tensors(path / KEY_GUIDE_NAME, device)
+        key_guide = KeyGuide(table["chroma"].float(), table["counts"].float(), spec["strength"], spec["prior"],
+                             spec.get("cap"))
     model = MusicGen(codec, lm, conditioner, config.get("pattern", "delay"), config.get("max_duration", 30.0),
                      config.get("extend_stride", 18.0), melody_conditioner=melody,
                      cfg_coef=config.get("cfg_coef", DEFAULT_CFG),

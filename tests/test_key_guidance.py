@@ -199,8 +199,24 @@ def test_a_saved_model_keeps_its_guide(tmp_path):
     assert torch.equal(again.key_guide.chroma, model.key_guide.chroma)
     model.save(tmp_path / "half", conditioner={"name": "learned", "kwargs": {"dim": 32}}, dtype=torch.float16)
     half = MusicGen.load(tmp_path / "half").key_guide
-    assert torch.equal(half.counts, model.key_guide.counts)  # whole numbers, never cast
-    torch.testing.assert_close(half.chroma, model.key_guide.chroma, atol=1e-3, rtol=0)
+    assert torch.equal(half.counts, model.key_guide.counts) and torch.equal(half.chroma, model.key_guide.chroma)
+    # the guide lives beside the weights: adding one to a folder leaves its weights' file as it was
+    from musicgen_lite.hub import KEY_GUIDE_NAME, WEIGHTS_NAME, save_key_guide
+
+    guide, model.key_guide = model.key_guide, None
+    model.save(tmp_path / "bare", conditioner={"name": "learned", "kwargs": {"dim": 32}})
+    weights = (tmp_path / "bare" / WEIGHTS_NAME).read_bytes()
+    assert MusicGen.load(tmp_path / "bare").key_guide is None
+    save_key_guide(tmp_path / "bare", guide)
+    assert (tmp_path / "bare" / WEIGHTS_NAME).read_bytes() == weights
+    attached = MusicGen.load(tmp_path / "bare")
+    assert torch.equal(attached.key_guide.chroma, guide.chroma) and attached.key_guide.strength == 1.5
+    with pytest.raises(ValueError, match="the key guide knows 16 tokens"):
+        save_key_guide(tmp_path / "bare", _guide(bins=16))
+    (tmp_path / "bare" / KEY_GUIDE_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="names a key guide but there is no key_guide.safetensors"):
+        MusicGen.load(tmp_path / "bare")
+    model.key_guide = guide
     opts = dict(duration=0.2, seed=0, progress=False, key="A minor")
     assert torch.equal(again.generate_codes(["a song"], **opts), model.generate_codes(["a song"], **opts))
     # a guide learned from another codec's tokens is refused
