@@ -259,6 +259,12 @@ def _cmd_train_lm(args: argparse.Namespace) -> int:
         if not args.beat_clock:
             raise SystemExit("--key-condition rides on the beat clock's input: add --beat-clock")
         extra["key_condition"] = True
+    if args.key_lr_scale is not None:
+        if not args.key_condition:
+            raise SystemExit("--key-lr-scale sets the key condition's learning rate: add --key-condition")
+        if not args.key_lr_scale > 0:
+            raise SystemExit(f"--key-lr-scale must be > 0, got {args.key_lr_scale}")
+        extra["key_lr_scale"] = args.key_lr_scale
     if args.caption_metadata_p is not None and not 0 <= args.caption_metadata_p <= 1:
         raise SystemExit(f"--caption-metadata-p must be in [0, 1], got {args.caption_metadata_p}")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
@@ -399,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--key-condition", action="store_true",
                     help="with --beat-clock: give the LM each clip's key (mode and tonic) at every step, and fit "
                          "a mode predictor for captions without one (generate keeps the stated or predicted key)")
+    tl.add_argument("--key-lr-scale", type=float, default=None,
+                    help="with --key-condition: the key's map learns at this multiple of the learning rate (default 1)")
     tl.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this much time")
     tl.add_argument("--stop-after", type=int, default=None,
                     help="checkpoint and stop once this step is done, the schedule still planned for --steps "

@@ -656,7 +656,7 @@ def lm_train_options(scale: str) -> dict:
                 schedule="cosine", grad_clip=1.0, grad_accum=1, ema_decay=None, cond_dropout=0.3, amp="bf16",
                 log_every=25, checkpoint_every=250, fsdp=None, melody_dropout=0.0, cpu_amp=False,
                 caption_metadata_p=0.0, melody_mode="prefix", caption_facts=False, beat_clock=False,
-                key_condition=False, key_tonic_dropout=0.5)
+                key_condition=False, key_tonic_dropout=0.5, key_lr_scale=1.0)
     if scale == "lite":
         # bf16 autocast on CPUs with native bf16 too: a lite step (4 x 10 s, 1 thread) took 1.87 s
         # instead of 2.60 in fp32 on the project's machine
@@ -1042,8 +1042,15 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         ema = copy.deepcopy(task).eval().requires_grad_(False)
     holder = torch.nn.ModuleDict({"task": task, **({"ema": ema} if ema is not None else {})})
     params = [p for p in task.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": opts["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # key_lr_scale: the key condition's map learns at its own multiple of the schedule's lr (a new
+    # input on a trained LM: its gradient is mostly noise, since a window's first frames already tell
+    # the key to the rest, and at the LM's lr it barely grew in session 16's run)
+    own = {id(p) for p in task.lm.key.parameters()} if task.lm.key is not None and opts["key_lr_scale"] != 1 else set()
+    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in own], "weight_decay": opts["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2 and id(p) not in own], "weight_decay": 0.0}]
+    if own:
+        groups.append({"params": [p for p in params if id(p) in own], "weight_decay": 0.0,
+                       "lr_scale": float(opts["key_lr_scale"])})
     optimizer = torch.optim.AdamW(groups, lr=opts["lr"], betas=tuple(opts["betas"]))
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoint"
@@ -1090,7 +1097,7 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
     for step in bar:
         lr = lr_at(step, opts["lr"], opts["warmup"], steps, opts["schedule"])
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         # The whole global batch and the guidance dropout come from (seed, step): resumable, rank-agnostic.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = torch.randint(len(data), (global_batch,), generator=gen)[rank * local:(rank + 1) * local]

@@ -92,9 +92,40 @@ def pack(dest: Path) -> None:
             slim = {k: info[k] for k in CAPTION_KEYS if k in info}
             (dest / name / "tokens" / clip["info"]).resolve().write_text(json.dumps(slim))
             texts.update(caption_variants(info))
+    val = validation_captions()
+    (dest / "val_captions.json").write_text(json.dumps(val))
+    texts.update(val["captions"])
     pack_minilm(dest, texts)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(json.dumps({"packed": str(dest), "caption_variants": len(texts), "bytes": size}))
+
+
+VAL_SEED = 999003  # the held-out set that chooses (the card's test sets, 999001 and 999002, stay out of it)
+
+
+def validation_captions(seed: int = VAL_SEED, n: int = 100, seconds: float = 6.0) -> dict:
+    """The validation set's captions as ``evaluate`` gives them (each clip's description) and each
+    clip's mode: what the key run's checkpoints are chosen on."""
+    from musicgen_lite.evaluation import heldout_set
+
+    folder = heldout_set(n, seconds, seed, progress=False)
+    infos = [json.loads(f.read_text()) for f in sorted((folder / "audio").glob("*.json"))][:n]
+    return {"seed": seed, "seconds": seconds, "captions": [i["description"] for i in infos],
+            "modes": [i["mode"] for i in infos]}
+
+
+def token_modes(guide, codes: torch.Tensor) -> list[str]:
+    """Each row's mode as the key guide's token table names it: the mean chroma of the codebook-0
+    tokens played (``codes[B, K, T]``), against the key-finder's 24 profiles. On the validation
+    set's real clips (their tokens from the codec) it names the mode of 0.76 of them, where the
+    key-finder on their audio names 0.80. Not a judge of a key-guided generation (the guide pushes
+    this very table): the key run generates without it."""
+    from musicgen_lite.key_guidance import MODES, key_profiles
+
+    c = guide.chroma.to(codes.device)[codes[:, 0].long()].mean(1)  # (B, 12)
+    c = (c - c.mean(-1, keepdim=True)) / c.std(-1, unbiased=False, keepdim=True)
+    corr = torch.einsum("mtp,bp->bmt", key_profiles().to(codes.device), c) / 12  # (B, 2, 12)
+    return [MODES[int(i) // 12] for i in corr.flatten(1).argmax(1)]
 
 
 def pack_minilm(dest: Path, texts, path=None) -> int:
@@ -348,12 +379,84 @@ def run(args) -> int:
     except Exception:
         emit(part="lite", error=traceback.format_exc()[-3000:])
 
+    # ---- 3b. the key-conditioned default: the shipped default trained on with each clip's key at every
+    # step, one run per --key-runs entry; after each chunk its checkpoint generates the validation
+    # captions (no key guide) and the token table names their modes; the best chunk's weights come back
+    try:
+        if "key" not in args.parts:
+            raise _Skip
+        from musicgen_lite.hub import load_musicgen
+        from musicgen_lite.training import export_musicgen
+
+        val = json.loads((pack_dir / "val_captions.json").read_text())
+        init = REPO / "data" / "checkpoints" / "musicgen_lite"
+        codec_dir = REPO / "data" / "checkpoints" / "codec_lite"
+        guide = load_musicgen(init).key_guide
+        n_val = 8 if args.tiny else len(val["captions"])
+        captions, modes = val["captions"][:n_val], val["modes"][:n_val]
+        seconds = 1.0 if args.tiny else float(val["seconds"])
+
+        def mode_score(model) -> dict:
+            got = []
+            for seed in args.key_seeds:
+                codes = model.generate_codes(captions, duration=seconds, seed=seed, progress=False, key_guidance=0
+                                             if model.key_guide is not None else None)
+                got.append(sum(a == b for a, b in zip(token_modes(guide, codes), modes)) / len(modes))
+            return {"token_mode": round(sum(got) / len(got), 4), "per_seed": got}
+
+        base = load_musicgen(init, device=device)
+        emit(part="key_baseline", model="the shipped default, no guide", **mode_score(base))
+        del base
+        for i, spec in enumerate(args.key_runs.split(",")):
+            lr, scale = (float(x) for x in spec.split(":"))
+            recipe = dict(batch_size=args.lite_batch, lr=lr, warmup=args.lite_warmup, caption_metadata_p=0.8,
+                          segment_seconds=1.0 if args.tiny else 10.0, log_every=25, beat_clock=True,
+                          key_condition=True, key_lr_scale=scale)
+            run_dir = Path(args.scratch) / f"key{i}"
+            best, done = None, 0
+            while done < args.key_steps and time.perf_counter() < deadline - args.reserve:
+                t0 = time.perf_counter()
+                res = training.train_lm(run_dir, mix, scale="lite", lm="tiny" if args.tiny else "lite",
+                                        conditioner="minilm", steps=args.key_steps, stop_after=done + args.chunk,
+                                        device=str(device), progress=False, init_from=None if args.tiny else init,
+                                        eval_tokens=heldout, eval_every=args.chunk, checkpoint_every=args.chunk,
+                                        **recipe)
+                done = res["step"]
+                v = [r for r in res["log"] if "val_loss" in r][-1:]
+                t_train = time.perf_counter() - t0
+                folder = export_musicgen(run_dir, codec_dir, Path(args.scratch) / f"key{i}_model_{done}")
+                model = load_musicgen(folder, device=device)
+                score = mode_score(model)
+                key_norm = float(model.lm.key.weight.detach().norm()) if model.lm.key is not None else None
+                row = {"run": i, "lr": lr, "key_lr_scale": scale, "step": done, **score, "key_map_norm": key_norm,
+                       **({k: v[0].get(k) for k in ("val_loss", "val_text_gain", "val_key_gain")} if v else {}),
+                       "train_s": round(t_train, 1), "chunk_s": round(time.perf_counter() - t0, 1)}
+                if best is None or score["token_mode"] > best["token_mode"]:
+                    best = dict(row)
+                    state = {f"model.task.{k}": v.detach().half().cpu() for k, v in res["model"].state_dict().items()
+                             if not k.startswith("conditioner.encoder.")}
+                    best["files"] = save_split(state, out, f"key{i}_best")
+                    meta = json.loads((run_dir / "checkpoint" / "config.json").read_text())
+                    meta["extra"].pop("optimizer", None)
+                    meta["extra"]["step"] = done
+                    meta["extra"]["best"] = {k: row[k] for k in row if k != "per_seed"}
+                    (out / f"key{i}_best.json").write_text(json.dumps(meta))
+                emit(part="key_chunk", best_step=best["step"], **row)
+                del model, res
+            emit(part="key_run", run=i, steps_done=done, best={k: v for k, v in best.items()} if best else None)
+    except _Skip:
+        pass
+    except Exception:
+        emit(part="key", error=traceback.format_exc()[-3000:])
+
     # ---- 4. fast generation: 30 s of musicgen-small audio, ours vs transformers
     left = int(deadline - time.perf_counter())
     if "gen" in args.parts and left > 30:
         cmd = [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", str(device), "--repeats", "2"]
         if args.tiny:
             cmd.append("--tiny")
+        if args.gen_fast_only:
+            cmd.append("--skip-slow")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
             (out / "gpu_check.jsonl").write_text(proc.stdout)
@@ -366,8 +469,9 @@ def run(args) -> int:
 
 
 # -------------------------------------------------------------------------------------- export
-def export(folder: Path, out_dir: Path) -> None:
-    """The returned best lite weights -> a model folder (fp16), through a local run checkpoint."""
+def export(folder: Path, out_dir: Path, stem: str = "lite_best") -> None:
+    """The returned best weights (``lite_best``, or a key run's ``key0_best``...) -> a model folder
+    (fp16), through a local run checkpoint."""
     from safetensors.torch import load_file
 
     from musicgen_lite.conditioning import get_conditioner
@@ -375,10 +479,10 @@ def export(folder: Path, out_dir: Path) -> None:
     from musicgen_lite.training import export_musicgen, save_training_state
 
     folder = Path(folder)
-    meta = json.loads((folder / "lite_best.json").read_text())
+    meta = json.loads((folder / f"{stem}.json").read_text())
     state = {}
-    for f in sorted(folder.glob("lite_best_*.safetensors")):
-        state.update(load_file(str(f)))
+    for f in sorted(folder.glob(f"{stem}_*.safetensors")):
+        state.update({k: v.float() for k, v in load_file(str(f)).items()})
     cfg = LMConfig(**meta["config"])
     text = get_conditioner(meta["extra"]["conditioner"], cfg.dim, **(meta["extra"].get("conditioner_kwargs") or {}))
     for k, v in text.state_dict().items():  # the frozen encoder did not travel back: it is the package's
@@ -416,16 +520,23 @@ def main(argv=None) -> int:
     r.add_argument("--beat-clock", action="store_true",
                    help="the lite run gives the LM each clip's beat clock (from its bpm; the shipped default has one)")
     r.add_argument("--chunk", type=int, default=500)
-    r.add_argument("--parts", default="full,lite,gen", help="which parts to run (comma-separated)")
+    r.add_argument("--key-runs", default="3e-4:1,3e-4:10",
+                   help="the key part's runs, comma-separated lr:key_lr_scale (each from the shipped default)")
+    r.add_argument("--key-steps", type=int, default=1500, help="each key run's schedule length")
+    r.add_argument("--key-seeds", type=int, nargs="+", default=[0, 1], help="generation seeds of the mode check")
+    r.add_argument("--gen-fast-only", action="store_true",
+                   help="the generation check times our fast loop only (not the plain loop or transformers)")
+    r.add_argument("--parts", default="full,lite,gen", help="which parts to run (comma-separated: full, lite, key, gen)")
     e = sub.add_parser("export", help="returned weights -> a model folder")
     e.add_argument("folder")
     e.add_argument("out_dir")
+    e.add_argument("--stem", default="lite_best", help="which returned weights (lite_best, key0_best, ...)")
     args = ap.parse_args(argv)
     if args.cmd == "pack":
         pack(Path(args.dest))
         return 0
     if args.cmd == "export":
-        export(Path(args.folder), Path(args.out_dir))
+        export(Path(args.folder), Path(args.out_dir), args.stem)
         return 0
     return run(args)
 
