@@ -88,7 +88,7 @@ class KeyGuide(nn.Module):
         self.strength, self.prior, self.cap = float(strength), float(prior), None if cap is None else float(cap)
         self.register_buffer("chroma", chroma.float())
         self.register_buffer("counts", counts.float())
-        self.register_buffer("profiles", key_profiles(), persistent=False)
+        self.register_buffer("profiles", key_profiles().to(self.chroma.device), persistent=False)
         self.register_buffer("scores", self._scores(), persistent=False)
 
     @property

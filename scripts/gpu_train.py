@@ -408,9 +408,12 @@ def run(args) -> int:
         emit(part="key_baseline", model="the shipped default, no guide", **mode_score(base))
         del base
         for i, spec in enumerate(args.key_runs.split(",")):
-            lr, scale = (float(x) for x in spec.split(":"))
-            recipe = dict(batch_size=args.lite_batch, lr=lr, warmup=args.lite_warmup, caption_metadata_p=0.8,
-                          segment_seconds=1.0 if args.tiny else 10.0, log_every=25, beat_clock=True,
+            fields = [float(x) for x in spec.split(":")]  # lr:key_lr_scale[:segment seconds[:batch]]
+            lr, scale = fields[:2]
+            segment = fields[2] if len(fields) > 2 else 10.0
+            batch = int(fields[3]) if len(fields) > 3 else args.lite_batch
+            recipe = dict(batch_size=batch, lr=lr, warmup=args.lite_warmup, caption_metadata_p=0.8,
+                          segment_seconds=1.0 if args.tiny else segment, log_every=25, beat_clock=True,
                           key_condition=True, key_lr_scale=scale)
             run_dir = Path(args.scratch) / f"key{i}"
             best, done = None, 0
@@ -428,7 +431,8 @@ def run(args) -> int:
                 model = load_musicgen(folder, device=device)
                 score = mode_score(model)
                 key_norm = float(model.lm.key.weight.detach().norm()) if model.lm.key is not None else None
-                row = {"run": i, "lr": lr, "key_lr_scale": scale, "step": done, **score, "key_map_norm": key_norm,
+                row = {"run": i, "lr": lr, "key_lr_scale": scale, "segment_s": segment, "batch": batch, "step": done,
+                       **score, "key_map_norm": key_norm,
                        **({k: v[0].get(k) for k in ("val_loss", "val_text_gain", "val_key_gain")} if v else {}),
                        "train_s": round(t_train, 1), "chunk_s": round(time.perf_counter() - t0, 1)}
                 if best is None or score["token_mode"] > best["token_mode"]:
@@ -458,7 +462,8 @@ def run(args) -> int:
         if args.gen_fast_only:
             cmd.append("--skip-slow")
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left, env=env)
             (out / "gpu_check.jsonl").write_text(proc.stdout)
             emit(part="generation", rc=proc.returncode, stderr=proc.stderr[-1500:])
         except subprocess.TimeoutExpired as e:
@@ -521,7 +526,7 @@ def main(argv=None) -> int:
                    help="the lite run gives the LM each clip's beat clock (from its bpm; the shipped default has one)")
     r.add_argument("--chunk", type=int, default=500)
     r.add_argument("--key-runs", default="3e-4:1,3e-4:10",
-                   help="the key part's runs, comma-separated lr:key_lr_scale (each from the shipped default)")
+                   help="the key part's runs, comma-separated lr:key_lr_scale[:segment_s[:batch]] (each from the shipped default)")
     r.add_argument("--key-steps", type=int, default=1500, help="each key run's schedule length")
     r.add_argument("--key-seeds", type=int, nargs="+", default=[0, 1], help="generation seeds of the mode check")
     r.add_argument("--gen-fast-only", action="store_true",

@@ -261,3 +261,12 @@ def test_generate_cli_takes_the_strength(tmp_path, capsys, monkeypatch):
     rc = main(["generate", "a sad song", "--model", str(tmp_path / "bare"), "--key-guidance", "2", "--duration", "0.3",
                "--quiet", "-o", str(tmp_path / "x.wav")])
     assert rc == 2 and "no key guide" in capsys.readouterr().err
+
+
+def test_guide_built_on_the_tables_device():
+    """A guide whose table lives on another device (``load_musicgen(..., device="cuda")`` loads it
+    there) computes its scores there: its key profiles follow the table (a GPU run found them
+    left on the CPU). The meta device stands in for a GPU here."""
+    guide = KeyGuide(torch.rand(16, 12, device="meta"), torch.ones(16, device="meta"))
+    assert guide.profiles.device.type == "meta" and guide.scores.device.type == "meta"
+    assert guide.scores.shape == (2, 12, 16)

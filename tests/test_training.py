@@ -582,3 +582,29 @@ def test_lm_key_condition_from_a_clocked_model_without_one(tmp_path, codec_and_t
 
     with pytest.raises(SystemExit, match="--key-condition rides on the beat clock"):
         main(["train", "lm", str(cache), str(tmp_path / "bad"), "--scale", "tiny", "--key-condition"])
+
+
+def test_lm_key_lr_scale_moves_the_key_map_faster(tmp_path, codec_and_tokens):
+    """``key_lr_scale``: the key map is a param group of its own at that multiple of the lr. One
+    AdamW step from zero moves each weight by lr x g / (|g| + eps): the key map's entries by
+    ``lr x scale``, every other weight exactly as in a run without the scale."""
+    from musicgen_lite.cli import main
+    from musicgen_lite.training import train_lm
+
+    _, cache = codec_and_tokens
+    kw = dict(scale="tiny", lm="tiny", conditioner="learned", progress=False, beat_clock=True, key_condition=True,
+              steps=1, lr=1e-3, warmup=0, schedule="constant")
+    runs = {s: train_lm(tmp_path / f"s{s}", cache, key_lr_scale=s, **kw)["model"] for s in (1.0, 10.0)}
+    for s, task in runs.items():
+        w = task.lm.key.weight.detach()
+        moved = w[w != 0].abs()
+        assert moved.numel() > 0  # the columns of the keys this batch holds (the rest have no gradient)
+        torch.testing.assert_close(moved, torch.full_like(moved, 1e-3 * s), rtol=1e-2, atol=0)
+    assert torch.equal(runs[1.0].lm.key.weight != 0, runs[10.0].lm.key.weight != 0)
+    plain, scaled = (dict(runs[s].lm.named_parameters()) for s in (1.0, 10.0))
+    assert all(torch.equal(v, scaled[k]) for k, v in plain.items() if not k.startswith("key."))
+    with pytest.raises(SystemExit, match="--key-lr-scale sets the key condition's learning rate"):
+        main(["train", "lm", str(cache), str(tmp_path / "bad"), "--scale", "tiny", "--key-lr-scale", "10"])
+    with pytest.raises(SystemExit, match="--key-lr-scale must be > 0"):
+        main(["train", "lm", str(cache), str(tmp_path / "bad"), "--scale", "tiny", "--beat-clock", "--key-condition",
+              "--key-lr-scale", "0"])
