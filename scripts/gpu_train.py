@@ -7,6 +7,7 @@ travels with the working tree to a GPU machine that has no internet and no proje
 
 - the LM token caches (``data/cache/lm_mix/tokens`` and the held-out ``lm_heldout/tokens``) with
   each clip's caption facts (description, key, bpm: all that training reads of a clip);
+- the validation captions and their modes (``val_captions.json``, for the key part);
 - all-MiniLM-L6-v2 (the default's frozen text encoder, 87 MB in fp32) cut to what our captions use:
   every layer in fp16, and only the rows of the word-piece table that any caption variant
   training can draw needs (checked: every variant of every clip, see ``caption_variants``).
@@ -23,8 +24,13 @@ stop the others, printing one JSON line per result and writing them under ``--ou
    with the captions' key and bpm added (p 0.8), as long as the deadline allows, evaluated on the
    held-out tokens at every checkpoint; the LM weights with the best validation loss come back
    (split into files of at most 15 MB) with the run's log and checkpoint facts;
-4. **generation**: ``scripts/gpu_check.py`` (30 s of musicgen-small audio, ours vs transformers),
-   in what time is left.
+3b. **key** (``--parts key``): key-conditioned runs from the shipped default (``--key-runs
+   lr:key_lr_scale[:segment_s[:batch]]``); after each chunk the checkpoint generates the validation
+   captions (held-out seed 999003, packed with their modes) without a key guide, and the key
+   guide's token table names the mode of each (:func:`token_modes`); the chunk whose tokens
+   follow the mode best comes back (fp16, split);
+4. **generation**: ``scripts/gpu_check.py`` (30 s of musicgen-small audio, ours vs transformers;
+   ``--gen-fast-only``: our CUDA-graph loop alone), in what time is left.
 
 Back here, ``python scripts/gpu_train.py export FOLDER OUT`` turns the returned weights into a
 model folder (:func:`musicgen_lite.training.export_musicgen`), ready for ``musicgen-lite evaluate``.

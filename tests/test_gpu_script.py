@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,3 +56,19 @@ def test_pruned_minilm_gives_the_same_states(gpu_train, tmp_path):
         c, _ = full(["a lively polka"])
         d, _ = pruned(["a lively polka"])
     assert float((c - d).abs().mean()) > 1e-2
+
+
+def test_token_modes_reads_the_mode_of_the_tokens_played(gpu_train):
+    """The key run's judge: tokens whose table chroma is a key's profile name that key's mode;
+    a mix of mostly minor-profile tokens and one major one still names minor."""
+    from musicgen_lite.data.analysis import TEMPERLEY_MAJOR, TEMPERLEY_MINOR
+    from musicgen_lite.key_guidance import KeyGuide
+
+    rows = [np.roll(TEMPERLEY_MAJOR, t) for t in range(12)] + [np.roll(TEMPERLEY_MINOR, t) for t in range(12)]
+    guide = KeyGuide(torch.tensor(np.stack(rows), dtype=torch.float32), torch.ones(24))
+    codes = torch.zeros(3, 2, 6, dtype=torch.long)
+    codes[0, 0] = 0  # C major
+    codes[1, 0] = 12 + 9  # A minor
+    codes[2, 0] = torch.tensor([14, 14, 14, 14, 14, 2])  # D minor five times, D major once
+    codes[:, 1] = 23  # a second codebook is not read
+    assert gpu_train.token_modes(guide, codes) == ["major", "minor", "minor"]
