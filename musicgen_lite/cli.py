@@ -87,6 +87,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sampling["key"] = args.key
     if args.key_guidance is not None:  # a model with a key guide only (checked by the model)
         sampling["key_guidance"] = args.key_guidance
+    if args.key_candidates is not None:  # likewise
+        sampling["key_candidates"] = args.key_candidates
     if args.melody is not None:
         if not hasattr(model, "generate_with_chroma"):
             raise ValueError("this model has no melody conditioning")
@@ -461,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--key-guidance", type=float, default=None,
                    help="how hard to steer the first codebook's tokens toward the key (a model with a key guide; "
                         "0: off; default: the model's own, see its card)")
+    g.add_argument("--key-candidates", type=int, default=None,
+                   help="sample this many candidates and keep the one whose tokens fit the key best (a model "
+                        "with a key guide; 1: one sample; default: the model's own, see its card)")
     g.add_argument("--top-k", type=int, default=250)
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--temperature", type=float, default=1.0)

@@ -500,6 +500,8 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
         generate_kw["cfg_coef"] = model.cfg_coef
     if generate_kw.get("key_guidance") is None and getattr(model, "key_guide", None) is not None:  # recorded too
         generate_kw["key_guidance"] = model.key_guide.strength
+    if generate_kw.get("key_candidates") is None and getattr(model, "key_guide", None) is not None:
+        generate_kw["key_candidates"] = model.key_guide.candidates
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
         raise ValueError(f"n must be at least 2 clips (FAD fits a covariance), got {n!r}")
     if not isinstance(duration, (int, float)) or not math.isfinite(duration) or not 0.5 <= duration <= 600:

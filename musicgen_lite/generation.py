@@ -285,6 +285,48 @@ class MusicGen(nn.Module):
             raise ValueError("key_guidance: this model has no key guide (musicgen_lite.key_guidance.KeyGuide)")
         return float(strength)
 
+    def _key_candidates(self, n) -> int:
+        """Candidates per row for a generation: ``n`` (checked), or the key guide's own; 1 without a guide."""
+        from .key_guidance import check_candidates
+
+        if n is None:
+            return self.key_guide.candidates if self.key_guide is not None else 1
+        n = check_candidates(n)
+        if n > 1 and self.key_guide is None:
+            raise ValueError("key_candidates: this model has no key guide to choose among candidates with "
+                             "(musicgen_lite.key_guidance.KeyGuide)")
+        return n
+
+    def _best_of_candidates(self, n: int, descriptions, duration, prompt_codes=None, melody=None, bpm=None,
+                            key=None, **kw) -> torch.Tensor:
+        """:meth:`generate_codes` with ``n`` candidates of each row that has a mode, in one batch;
+        each row keeps the candidate whose generated tokens fit its key best."""
+        if melody is not None:
+            raise ValueError("key_candidates > 1 with a melody is not supported: pass key_candidates=1")
+        keys = self.keys_for(descriptions, key)
+        if all(mode is None for _, mode in keys):  # nothing to choose by: one sample per row
+            return self.generate_codes(descriptions, duration, prompt_codes=prompt_codes, bpm=bpm, key=key,
+                                       key_candidates=1, **kw)
+        B = len(descriptions)
+        reps = [n if mode is not None else 1 for _, mode in keys]
+        index = torch.repeat_interleave(torch.arange(B), torch.tensor(reps))  # candidate row -> its row
+
+        def spread(x, per_row: bool):  # one entry per row -> one per candidate row; one value for all: as it is
+            return [x[int(b)] for b in index] if per_row and len(x) == B else x
+
+        codes = self.generate_codes(
+            spread(list(descriptions), True), duration,
+            prompt_codes=prompt_codes[index.to(prompt_codes.device)] if prompt_codes is not None else None,
+            bpm=spread(bpm, bpm is not None and not isinstance(bpm, (int, float, str))),
+            key=spread(key, isinstance(key, list)), key_candidates=1, **kw)
+        start = prompt_codes.shape[-1] if prompt_codes is not None else 0
+        fit = self.key_guide.key_fit(codes[..., start:], [keys[int(b)] for b in index]).cpu()
+        keep, first = [], 0
+        for b in range(B):
+            keep.append(first + int(fit[first:first + reps[b]].argmax()))  # ties: the first candidate
+            first += reps[b]
+        return codes[torch.tensor(keep, device=codes.device)]
+
     def _start_guide(self, guide, B: int, prompt: torch.Tensor | None):
         """A window's key-guidance state (None without guidance), having seen the prompt's frames."""
         if guide is None:
@@ -479,7 +521,7 @@ class MusicGen(nn.Module):
                        seed: int | None = None, num_samples: int | None = None, two_pass_cfg: bool = False,
                        progress: bool = True, melody=None, melody_sample_rate: int | None = None,
                        fast: bool = False, cuda_graph: bool | None = None, bpm=None, key=None,
-                       key_guidance: float | None = None) -> torch.Tensor:
+                       key_guidance: float | None = None, key_candidates: int | None = None) -> torch.Tensor:
         """Tokens for ``duration`` seconds: ``codes[B, K, T]`` (the prompt included when given).
 
         ``descriptions``: list of texts (``""`` / None: unconditional rows); None with
@@ -498,6 +540,10 @@ class MusicGen(nn.Module):
         caption's stated key or mode, else the model's guess of the mode from its words
         (:meth:`keys_for`); a model with a :attr:`key_guide` steers toward it too. ``key_guidance``
         (a model with a key guide): the guide's strength, 0 = off; None: the strength it was saved with.
+        ``key_candidates`` (a model with a key guide): sample this many candidates of each row that
+        has a mode (one batch) and keep the one whose tokens fit its key best
+        (:meth:`KeyGuide.key_fit`, the guide's token table: no audio is decoded); 1 = one sample;
+        None: the number the guide was saved with. Rows without a mode are generated once.
         """
         if cfg_coef is None:
             cfg_coef = self.cfg_coef
@@ -509,6 +555,13 @@ class MusicGen(nn.Module):
             descriptions = [descriptions]
         if len(descriptions) == 0:
             raise ValueError("descriptions is empty: give one text per sample (or None for unconditional)")
+        n_cand = self._key_candidates(key_candidates)
+        if n_cand > 1:
+            return self._best_of_candidates(
+                n_cand, descriptions, duration, prompt_codes=prompt_codes, cfg_coef=cfg_coef, top_k=top_k,
+                top_p=top_p, temperature=temperature, seed=seed, two_pass_cfg=two_pass_cfg, progress=progress,
+                melody=melody, melody_sample_rate=melody_sample_rate, fast=fast, cuda_graph=cuda_graph, bpm=bpm,
+                key=key, key_guidance=key_guidance)
         B, T = len(descriptions), self._frames(duration)
         Tp = 0
         if prompt_codes is not None:

@@ -464,7 +464,7 @@ def load_musicgen(path=None, device: str | torch.device = "cpu"):
             raise FileNotFoundError(f"{path}: config.json names a key guide but there is no {KEY_GUIDE_NAME}")
         table = load_tensors(path / KEY_GUIDE_NAME, device)
         key_guide = KeyGuide(table["chroma"].float(), table["counts"].float(), spec["strength"], spec["prior"],
-                             spec.get("cap"))
+                             spec.get("cap"), spec.get("candidates", 1))
     model = MusicGen(codec, lm, conditioner, config.get("pattern", "delay"), config.get("max_duration", 30.0),
                      config.get("extend_stride", 18.0), melody_conditioner=melody,
                      cfg_coef=config.get("cfg_coef", DEFAULT_CFG),

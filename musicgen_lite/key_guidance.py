@@ -76,7 +76,7 @@ class KeyGuide(nn.Module):
     """
 
     def __init__(self, chroma: torch.Tensor, counts: torch.Tensor, strength: float = DEFAULT_STRENGTH,
-                 prior: float = DEFAULT_PRIOR, cap: float | None = DEFAULT_CAP):
+                 prior: float = DEFAULT_PRIOR, cap: float | None = DEFAULT_CAP, candidates: int = 1):
         super().__init__()
         if chroma.dim() != 2 or chroma.shape[1] != 12 or counts.shape != chroma.shape[:1]:
             raise ValueError(f"chroma must be [bins, 12] and counts [bins], got {list(chroma.shape)} and "
@@ -86,6 +86,7 @@ class KeyGuide(nn.Module):
         if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):
             raise ValueError(f"cap must be a number > 0 or None, got {cap!r}")
         self.strength, self.prior, self.cap = float(strength), float(prior), None if cap is None else float(cap)
+        self.candidates = check_candidates(candidates, "candidates")
         self.register_buffer("chroma", chroma.float())
         self.register_buffer("counts", counts.float())
         self.register_buffer("profiles", key_profiles().to(self.chroma.device), persistent=False)
@@ -181,7 +182,39 @@ class KeyGuide(nn.Module):
                           torch.zeros(B, 1, device=device), strength)
 
     def to_config(self) -> dict:
-        return {"strength": self.strength, "prior": self.prior, "cap": self.cap, "bins": self.bins}
+        return {"strength": self.strength, "prior": self.prior, "cap": self.cap, "bins": self.bins,
+                "candidates": self.candidates}
+
+    # ------------------------------------------------------------------ choosing a candidate
+    def key_fit(self, codes: torch.Tensor, keys) -> torch.Tensor:
+        """``[B]``: how well each row's tokens (``codes[B, K, T]``, codebook 0 read) fit its key
+        ``(tonic | None, mode | None)``: the mean chroma of its tokens (this table's rows)
+        correlated with the wanted key's profile (the stated tonic, else the wanted mode's best),
+        minus the other mode's best correlation. Positive: the tokens sound more like the wanted
+        mode than like any key of the other. A row without a mode scores 0."""
+        if codes.dim() != 3 or codes.shape[0] != len(keys):
+            raise ValueError(f"codes must be [B={len(keys)}, K, T], got {list(codes.shape)}")
+        if codes.shape[-1] == 0:
+            return torch.zeros(len(keys), device=codes.device)
+        chroma = self.chroma[codes[:, 0].long().clamp(0, self.bins - 1)].mean(1)  # (B, 12)
+        chroma = chroma - chroma.mean(1, keepdim=True)
+        chroma = chroma / chroma.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8)
+        corr = torch.einsum("mtj,bj->bmt", self.profiles, chroma) / 12  # (B, 2 modes, 12 tonics)
+        mode = torch.tensor([MODES.index(m) if m is not None else 0 for _, m in keys], device=codes.device)
+        tonic = torch.tensor([t if t is not None else -1 for t, _ in keys], device=codes.device)
+        rows = torch.arange(len(keys), device=codes.device)
+        wanted = corr[rows, mode]  # (B, 12)
+        own = torch.where(tonic >= 0, wanted[rows, tonic.clamp_min(0)], wanted.max(1).values)
+        other = corr[rows, 1 - mode].max(1).values
+        has_mode = torch.tensor([m is not None for _, m in keys], device=codes.device)
+        return torch.where(has_mode, own - other, torch.zeros_like(own))
+
+
+def check_candidates(n, name: str = "key_candidates") -> int:
+    """A number of candidates per row: a whole number >= 1 (1: no choosing)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{name} must be a whole number >= 1 (1: one sample per row, no choosing), got {n!r}")
+    return int(n)
 
 
 @dataclass

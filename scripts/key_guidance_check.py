@@ -159,17 +159,19 @@ def evaluate_runs(args) -> None:
     rows = json.loads(Path(args.json).read_text())["runs"] if Path(args.json).is_file() else []
     for heldout in args.heldout:
         for seed in args.seeds:
-            for strength in args.strengths:
+            for strength, candidates in [(s, c) for s in args.strengths for c in args.candidates]:
                 t0 = time.time()
                 r = evaluate(model, n=100, duration=6.0, seed=seed, progress=False, heldout_seed=heldout,
-                             key_guidance=strength)
+                             key_guidance=strength, key_candidates=candidates)
                 pa = r["attribute_accuracy"]["per_attribute"]
-                row = {"heldout_seed": heldout, "seed": seed, "strength": strength, "fad": r["fad"]["value"],
+                row = {"heldout_seed": heldout, "seed": seed, "strength": strength, "candidates": candidates,
+                       "fad": r["fad"]["value"],
                        "clap": r["clap"]["value"], "kl": r["kl"]["kl_ref_gen"], **pa,
                        "mean": r["attribute_accuracy"]["mean"],
                        "real_mode": r["reference"]["real"]["attribute_accuracy"]["per_attribute"]["mode"],
                        "seconds": round(time.time() - t0, 1)}
-                rows = [x for x in rows if (x["heldout_seed"], x["seed"], x["strength"]) != (heldout, seed, strength)]
+                rows = [x for x in rows if (x["heldout_seed"], x["seed"], x["strength"], x.get("candidates", 1))
+                        != (heldout, seed, strength, candidates)]
                 rows.append(row)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
                 Path(args.json).write_text(json.dumps({"model": str(args.model), "runs": rows}, indent=1) + "\n")
@@ -191,6 +193,8 @@ def main() -> None:
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
     e.add_argument("--strengths", type=float, nargs="+", required=True)
+    e.add_argument("--candidates", type=int, nargs="+", default=[1],
+                   help="key_candidates: samples per caption, the best fit to its key kept (1: one sample)")
     e.add_argument("--heldout", type=int, nargs="+", default=[999001])
     e.add_argument("--seeds", type=int, nargs="+", default=[0])
     e.add_argument("--json", required=True)

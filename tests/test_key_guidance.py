@@ -193,9 +193,12 @@ def test_a_saved_model_keeps_its_guide(tmp_path):
 
     model = tiny_musicgen()
     model.key_guide = _guide(bins=model.lm.config.bins, strength=1.5)
+    model.key_guide.candidates = 3
     model.save(tmp_path / "m", conditioner={"name": "learned", "kwargs": {"dim": 32}})
     again = MusicGen.load(tmp_path / "m")
     assert (again.key_guide.strength, again.key_guide.prior, again.key_guide.cap) == (1.5, 5.0, 1.5)
+    assert again.key_guide.candidates == 3
+    model.key_guide.candidates = 1
     assert torch.equal(again.key_guide.chroma, model.key_guide.chroma)
     model.save(tmp_path / "half", conditioner={"name": "learned", "kwargs": {"dim": 32}}, dtype=torch.float16)
     half = MusicGen.load(tmp_path / "half").key_guide
@@ -218,7 +221,8 @@ def test_a_saved_model_keeps_its_guide(tmp_path):
         MusicGen.load(tmp_path / "bare")
     model.key_guide = guide
     opts = dict(duration=0.2, seed=0, progress=False, key="A minor")
-    assert torch.equal(again.generate_codes(["a song"], **opts), model.generate_codes(["a song"], **opts))
+    assert torch.equal(again.generate_codes(["a song"], **opts),  # the loaded guide chooses among its 3
+                       model.generate_codes(["a song"], key_candidates=3, **opts))
     # a guide learned from another codec's tokens is refused
     torch.manual_seed(5)
     model.codec = CompressionModel(codec_config("tiny")).eval()
@@ -247,7 +251,8 @@ def test_generate_cli_takes_the_strength(tmp_path, capsys, monkeypatch):
 
     def spy(self, *a, **kw):
         codes = generate_codes(self, *a, **kw)
-        seen.append((kw.get("key_guidance"), codes))
+        if kw.get("key_candidates") != 1:  # the outer call, not the one a choice among candidates makes
+            seen.append((kw.get("key_guidance"), codes))
         return codes
 
     monkeypatch.setattr(MusicGen, "generate_codes", spy)
@@ -258,6 +263,15 @@ def test_generate_cli_takes_the_strength(tmp_path, capsys, monkeypatch):
         assert rc == 0 and out.is_file()
     assert [s for s, _ in seen] == [0.0, 50.0, None]  # None: the model's own strength
     assert not torch.equal(seen[0][1], seen[1][1])
+    calls = []
+    monkeypatch.setattr(MusicGen, "_best_of_candidates", lambda self, n, *a, **kw: calls.append(n) or
+                        generate_codes(self, *a, key_candidates=1, **{k: v for k, v in kw.items() if k != "melody"}))
+    rc = main(["generate", "a sad song in A minor", "--model", str(tmp_path / "guided"), "--duration", "0.3",
+               "--quiet", "--key-candidates", "3", "-o", str(tmp_path / "c.wav")])
+    assert rc == 0 and calls == [3]
+    rc = main(["generate", "a sad song", "--model", str(tmp_path / "guided"), "--key-candidates", "0",
+               "--duration", "0.3", "--quiet", "-o", str(tmp_path / "c0.wav")])
+    assert rc == 2 and "key_candidates must be a whole number >= 1" in capsys.readouterr().err
     rc = main(["generate", "a sad song", "--model", str(tmp_path / "bare"), "--key-guidance", "2", "--duration", "0.3",
                "--quiet", "-o", str(tmp_path / "x.wav")])
     assert rc == 2 and "no key guide" in capsys.readouterr().err
@@ -270,3 +284,64 @@ def test_guide_built_on_the_tables_device():
     guide = KeyGuide(torch.rand(16, 12, device="meta"), torch.ones(16, device="meta"))
     assert guide.profiles.device.type == "meta" and guide.scores.device.type == "meta"
     assert guide.scores.shape == (2, 12, 16)
+
+
+# ------------------------------------------------------------------------ choosing among candidates
+
+def test_key_fit_is_the_wanted_keys_correlation_minus_the_other_modes_best():
+    """Against numpy: each row's mean table chroma, Pearson-correlated with the 24 rotated profiles;
+    the stated key's correlation (or the wanted mode's best) minus the best of the other mode."""
+    guide = _guide(bins=16, seed=4)
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (4, 2, 9), generator=g)
+    keys = [(9, "minor"), (None, "major"), (None, None), (2, "major")]
+    fit = guide.key_fit(codes, keys)
+    profiles = {"major": TEMPERLEY_MAJOR, "minor": TEMPERLEY_MINOR}
+    for b, (tonic, mode) in enumerate(keys):
+        mean = guide.chroma[codes[b, 0]].double().mean(0).numpy()
+        corr = {m: np.array([np.corrcoef(mean, np.roll(p, t))[0, 1] for t in range(12)]) for m, p in profiles.items()}
+        if mode is None:
+            assert fit[b] == 0
+            continue
+        own = corr[mode][tonic] if tonic is not None else corr[mode].max()
+        other = corr["major" if mode == "minor" else "minor"].max()
+        assert fit[b].item() == pytest.approx(own - other, abs=1e-5)
+    with pytest.raises(ValueError, match="codes must be"):
+        guide.key_fit(codes, keys[:3])
+
+
+def test_candidates_keep_each_rows_best_fitting_sample():
+    """``key_candidates=3``: the rows with a mode are sampled 3 times in one batch (the same draws
+    as generating the repeated rows directly), and each keeps its candidate of highest key fit; a
+    row without a mode is sampled once. 1 is the plain generation."""
+    mg = _guided_musicgen(strength=1.0)
+    texts = ["sad piano in A minor", "", "sunny rock"]  # a stated key, no mode, a predicted mode
+    opts = dict(duration=0.3, seed=5, progress=False)
+    assert mg.key_guide.candidates == 1
+    assert torch.equal(mg.generate_codes(texts, key_candidates=1, **opts), mg.generate_codes(texts, **opts))
+    chosen = mg.generate_codes(texts, key_candidates=3, **opts)
+    spread = [texts[0]] * 3 + [texts[1]] + [texts[2]] * 3
+    all_rows = mg.generate_codes(spread, key_candidates=1, **opts)
+    keys = mg.keys_for(texts)
+    assert keys[0] == (9, "minor") and keys[1] == (None, None) and keys[2][1] == "major"
+    fit = mg.key_guide.key_fit(all_rows, [keys[0]] * 3 + [keys[1]] + [keys[2]] * 3)
+    best = [int(fit[:3].argmax()), 3, 4 + int(fit[4:].argmax())]
+    assert torch.equal(chosen, all_rows[best])
+    assert len({tuple(all_rows[i].flatten().tolist()) for i in range(3)}) == 3  # three different candidates
+    mg.key_guide.candidates = 3  # the guide's own number, when not told
+    assert torch.equal(mg.generate_codes(texts, **opts), chosen)
+    # a prompt is shared by a row's candidates and not judged
+    prompt = torch.full((3, 4, 4), 7)
+    codes = mg.generate_codes(texts, prompt_codes=prompt, **opts)
+    assert torch.equal(codes[..., :4], prompt)
+    for bad in (0, -2, True, 2.5, "3"):
+        with pytest.raises(ValueError, match="key_candidates must be a whole number >= 1"):
+            mg.generate_codes(texts, key_candidates=bad, **opts)
+    with pytest.raises(ValueError, match="not supported"):
+        mg.generate_codes(texts, key_candidates=2, melody=[torch.zeros(100)], **opts)
+    with pytest.raises(ValueError, match="candidates must be a whole number >= 1"):
+        KeyGuide(torch.rand(16, 12), torch.ones(16), candidates=0)
+    from test_generation import toy_musicgen
+
+    with pytest.raises(ValueError, match="no key guide to choose"):
+        toy_musicgen().generate_codes(texts, key_candidates=2, **opts)
