@@ -56,6 +56,7 @@ def test_shipped_model_fits_its_codec_and_its_card():
     assert model.cfg_coef == result["setup"]["generate"]["cfg_coef"]  # it generates as it was measured
     guide = model.key_guide
     assert (guide.strength if guide is not None else None) == result["setup"]["generate"].get("key_guidance")
+    assert (guide.candidates if guide is not None else None) == result["setup"]["generate"].get("key_candidates")
     from musicgen_lite.lm_card import caption_gain_line
 
     assert caption_gain_line(result) is None or caption_gain_line(result) in card
@@ -117,6 +118,7 @@ def test_shipped_melody_model_fits_its_codec_follows_a_melody_and_its_card():
     assert model.cfg_coef == result["setup"]["generate"]["cfg_coef"]  # it generates as it was measured
     guide = model.key_guide
     assert (guide.strength if guide is not None else None) == result["setup"]["generate"].get("key_guidance")
+    assert (guide.candidates if guide is not None else None) == result["setup"]["generate"].get("key_candidates")
 
 
 def test_committed_results_and_cards_carry_no_machine_paths():
