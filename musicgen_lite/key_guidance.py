@@ -30,6 +30,14 @@ simplest classifier there is:
    3, uncapped) a random tonic got the mode right in 0.66 of the clips, the music's own in 0.70,
    both at FAD 8.4.
 
+5. **Choosing among candidates.** Pushing every step has a limit: capped, more strength
+   mostly sharpens the same choice. A generation can also sample ``candidates`` draws of each
+   row that has a mode (one batch) and keep the one whose tokens fit the key best
+   (:meth:`KeyGuide.key_fit`: the same table's mean chroma of the tokens against the wanted
+   key's profile, minus the other mode's best key; no audio is decoded). On 100 validation
+   captions (two seeds), best of 4 gave mode 0.75 / 0.79 at FAD 5.4 / 5.0, where one guided
+   sample gave 0.69 / 0.66 at FAD 4.5 / 6.2.
+
 A row without a mode (an empty caption, a mode nobody knows) gets no bias. Everything is tensor
 arithmetic on the device (no host sync): the static decoding loop and CUDA graphs run it too.
 """
@@ -71,7 +79,8 @@ class KeyGuide(nn.Module):
 
     ``chroma[bins, 12]``: the tokens' mean chroma (already pulled toward the overall mean);
     ``counts[bins]``: the frames each was seen in; ``strength``: the bias per unit of score
-    (0: none); ``cap``: the largest score, either way (None: uncapped). Build one with
+    (0: none); ``cap``: the largest score, either way (None: uncapped); ``candidates``: the
+    samples per row a generation chooses among by :meth:`key_fit` (1: none). Build one with
     :meth:`fit` or :meth:`from_audio`; a generation holds a :class:`GuideState` (:meth:`start`).
     """
 
