@@ -1042,9 +1042,10 @@ def train_lm(out_dir, tokens, scale: str = "lite", lm="lite", conditioner: str |
         ema = copy.deepcopy(task).eval().requires_grad_(False)
     holder = torch.nn.ModuleDict({"task": task, **({"ema": ema} if ema is not None else {})})
     params = [p for p in task.parameters() if p.requires_grad]
-    # key_lr_scale: the key condition's map learns at its own multiple of the schedule's lr (a new
-    # input on a trained LM: its gradient is mostly noise, since a window's first frames already tell
-    # the key to the rest, and at the LM's lr it barely grew in session 16's run)
+    # key_lr_scale: the key condition's map learns at its own multiple of the schedule's lr. A new input
+    # on a trained LM gets a weak gradient (a window's first frames already tell the rest its key): at
+    # the LM's lr it barely grew in session 16's run (norm 0.1). At 10-30x (session 18, on a GPU) it grew
+    # to 0.4-1.0, and still the LM did not choose tokens by mode (data/results/gpu_session18.json).
     own = {id(p) for p in task.lm.key.parameters()} if task.lm.key is not None and opts["key_lr_scale"] != 1 else set()
     groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in own], "weight_decay": opts["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2 and id(p) not in own], "weight_decay": 0.0}]
