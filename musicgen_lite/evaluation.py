@@ -498,10 +498,10 @@ def evaluate(model, captions=None, n: int = 100, duration: float = 6.0, seed: in
 
     if generate_kw.get("cfg_coef") is None and hasattr(model, "cfg_coef"):  # the model's own guidance, recorded
         generate_kw["cfg_coef"] = model.cfg_coef
-    if generate_kw.get("key_guidance") is None and getattr(model, "key_guide", None) is not None:  # recorded too
-        generate_kw["key_guidance"] = model.key_guide.strength
-    if generate_kw.get("key_candidates") is None and getattr(model, "key_guide", None) is not None:
-        generate_kw["key_candidates"] = model.key_guide.candidates
+    guide = getattr(model, "key_guide", None)
+    for name, own in (("key_guidance", "strength"), ("key_candidates", "candidates")):  # recorded too
+        if guide is not None and generate_kw.get(name) is None:
+            generate_kw[name] = getattr(guide, own)
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
         raise ValueError(f"n must be at least 2 clips (FAD fits a covariance), got {n!r}")
     if not isinstance(duration, (int, float)) or not math.isfinite(duration) or not 0.5 <= duration <= 600:

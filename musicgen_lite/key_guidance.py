@@ -105,12 +105,17 @@ class KeyGuide(nn.Module):
     def bins(self) -> int:
         return self.chroma.shape[0]
 
+    def correlations(self, chroma: torch.Tensor) -> torch.Tensor:
+        """``chroma[N, 12]`` -> ``[2 modes, 12 tonics, N]``: each row's Pearson correlation with
+        each key's profile (a flat row: 0)."""
+        c = chroma - chroma.mean(1, keepdim=True)
+        c = c / c.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8)  # standardised rows
+        return torch.einsum("mtj,nj->mtn", self.profiles, c) / 12
+
     def _scores(self) -> torch.Tensor:
         """``[2, 12, bins]``: each token's correlation with each key's profile, standardised over
         tokens, capped at ``+-cap``."""
-        c = self.chroma - self.chroma.mean(1, keepdim=True)
-        c = c / c.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8)  # standardised rows (a flat chroma: 0)
-        corr = torch.einsum("mtj,bj->mtb", self.profiles, c) / 12  # Pearson correlation per token
+        corr = self.correlations(self.chroma)  # (2, 12, bins)
         z = (corr - corr.mean(-1, keepdim=True)) / corr.std(-1, keepdim=True).clamp_min(1e-8)
         return z if self.cap is None else z.clamp(-self.cap, self.cap)
 
@@ -205,10 +210,8 @@ class KeyGuide(nn.Module):
             raise ValueError(f"codes must be [B={len(keys)}, K, T], got {list(codes.shape)}")
         if codes.shape[-1] == 0:
             return torch.zeros(len(keys), device=codes.device)
-        chroma = self.chroma[codes[:, 0].long().clamp(0, self.bins - 1)].mean(1)  # (B, 12)
-        chroma = chroma - chroma.mean(1, keepdim=True)
-        chroma = chroma / chroma.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8)
-        corr = torch.einsum("mtj,bj->bmt", self.profiles, chroma) / 12  # (B, 2 modes, 12 tonics)
+        mean = self.chroma[codes[:, 0].long().clamp(0, self.bins - 1)].mean(1)  # (B, 12)
+        corr = self.correlations(mean).permute(2, 0, 1)  # (B, 2 modes, 12 tonics)
         mode = torch.tensor([MODES.index(m) if m is not None else 0 for _, m in keys], device=codes.device)
         tonic = torch.tensor([t if t is not None else -1 for t, _ in keys], device=codes.device)
         rows = torch.arange(len(keys), device=codes.device)

@@ -121,17 +121,14 @@ def validation_captions(seed: int = VAL_SEED, n: int = 100, seconds: float = 6.0
 
 
 def token_modes(guide, codes: torch.Tensor) -> list[str]:
-    """Each row's mode as the key guide's token table names it: the mean chroma of the codebook-0
-    tokens played (``codes[B, K, T]``), against the key-finder's 24 profiles. On the validation
-    set's real clips (their tokens from the codec) it names the mode of 0.76 of them, where the
+    """Each row's mode as the key guide's token table names it: the mode of the best of the 24 keys
+    for the mean chroma of the codebook-0 tokens played (``codes[B, K, T]``), i.e. major where
+    :meth:`~musicgen_lite.key_guidance.KeyGuide.key_fit` for major is >= 0. On the validation set's
+    real clips (their tokens from the codec) it names the mode of 0.76 of them, where the
     key-finder on their audio names 0.80. Not a judge of a key-guided generation (the guide pushes
     this very table): the key run generates without it."""
-    from musicgen_lite.key_guidance import MODES, key_profiles
-
-    c = guide.chroma.to(codes.device)[codes[:, 0].long()].mean(1)  # (B, 12)
-    c = (c - c.mean(-1, keepdim=True)) / c.std(-1, unbiased=False, keepdim=True)
-    corr = torch.einsum("mtp,bp->bmt", key_profiles().to(codes.device), c) / 12  # (B, 2, 12)
-    return [MODES[int(i) // 12] for i in corr.flatten(1).argmax(1)]
+    fit = guide.to(codes.device).key_fit(codes, [(None, "major")] * len(codes))
+    return ["major" if f >= 0 else "minor" for f in fit.tolist()]
 
 
 def pack_minilm(dest: Path, texts, path=None) -> int:
@@ -453,7 +450,7 @@ def run(args) -> int:
                     (out / f"key{i}_best.json").write_text(json.dumps(meta))
                 emit(part="key_chunk", best_step=best["step"], **row)
                 del model, res
-            emit(part="key_run", run=i, steps_done=done, best={k: v for k, v in best.items()} if best else None)
+            emit(part="key_run", run=i, steps_done=done, best=best)
     except _Skip:
         pass
     except Exception:
