@@ -287,16 +287,21 @@ def _lm_models(size: str):
     return from_transformers_decoder(hf), hf
 
 
-def _lm_decoders(ours, hf, steps: int, L: int = 12, context: int = 0):
+def _lm_decoders(ours, hf, steps: int, L: int = 12, context: int = 0, compiled: bool = False):
     """``run()`` for each model: a one-position prefill with the condition, then ``steps`` cached
     decoding steps, CFG batch 2 (condition + null), guided logits -> top-k 250 sample -> next input.
     ``context`` > 0: the condition and ``context`` random tokens are prefilled once, untimed, and
     every ``run()`` decodes ``steps`` steps after them (the cache cut back to ``context`` first):
     decoding deep into a clip, where attention reads ``context`` cached positions per layer.
+    ``compiled``: our steps after the prefill run :meth:`MusicLM.compiled_decode_step` (what
+    ``generate(..., fast=True, compile_step=True)`` runs: static shapes, a cache of ``steps + 1``
+    positions rounded up to 8, compiled on the first call, which a warm-up run should take).
     Also the weight bytes one decoding step reads (all but the embedding tables and the
     cross-attention key/value projections, which run once per generation)."""
     from .sampling import cfg_from_batch, sample_next
 
+    if compiled and context:
+        raise ValueError("compiled=True times the compiled step from the start of a clip; pass context=0")
     c, dtype = ours.config, next(ours.parameters()).dtype
     K, special = c.num_codebooks, c.special
     g = torch.Generator().manual_seed(0)
@@ -330,6 +335,16 @@ def _lm_decoders(ours, hf, steps: int, L: int = 12, context: int = 0):
             x = seq[..., -1:]
             for _ in range(steps):
                 x = pick(hf_step(x, past)[0]).unsqueeze(-1)
+    elif compiled:
+        step_fn = ours.compiled_decode_step()
+        positions = [torch.tensor([p]) for p in range(1, steps + 1)]
+
+        def run_ours():
+            cache = ours.new_cache(2, -(-(steps + 1) // 8) * 8)
+            x = torch.full((1, K, 1), special)
+            x = pick(ours(x.repeat(2, 1, 1), cond, mask, cache=cache, last_only=True)[:, :, -1]).unsqueeze(-1)
+            for p in positions:
+                x = pick(step_fn(x.repeat(2, 1, 1), p, cache)).unsqueeze(-1)
     else:
         def run_ours():
             cache = ours.new_cache(2, steps + 1)
@@ -339,7 +354,7 @@ def _lm_decoders(ours, hf, steps: int, L: int = 12, context: int = 0):
                 logits = ours(x.repeat(2, 1, 1), cond if first else None, mask if first else None, cache=cache,
                               last_only=True)[:, :, -1]
                 x = pick(logits).unsqueeze(-1)
-
+    if not context:
         def run_hf():
             past, x = None, torch.full((1, K, 1), special)
             for _ in range(steps + 1):
@@ -380,7 +395,8 @@ def bench_lm(args=None) -> list[dict]:
     after guidance, 12 decoding steps (small; 32 at lite) after a one-position prefill;
     median of 3 runs after a warm-up, each model timed right after the other. Sizes:
     MusicGen small (1024 x 24 layers x 16 heads, ffn 4096) and our lite preset, fp32 then
-    bf16 (the same models cast). Roofline rows: this machine's matrix-vector rate (bytes/s) divided by the weight
+    bf16 (the same models cast); at the lite size also our compiled step (:meth:`MusicLM.compiled_decode_step`,
+    compiled once before timing). Roofline rows: this machine's matrix-vector rate (bytes/s) divided by the weight
     bytes one step reads, i.e. the most steps/s the weights allow; ratio = share reached.
     """
     rows = []
@@ -395,6 +411,13 @@ def bench_lm(args=None) -> list[dict]:
                 ours_sps, hf_sps = (steps + 1) / t_ours, (steps + 1) / t_hf
                 rows.append(row("lm", f"{size} {name} decode, CFG B1 (2 rows)", ours_sps, hf_sps,
                                 "transformers MusicgenForCausalLM", "steps/s"))
+                if size == "lite":  # the step compiled (compile_step=True), against the same eager peer
+                    run_c, run_hf, _ = _lm_decoders(ours, hf, steps, compiled=True)
+                    run_c()  # compiles: about 20 s
+                    t_c, t_hf = interleaved_seconds(run_c, run_hf)
+                    rows.append(row("lm", f"{size} {name} decode, compiled step (compile_step=True), CFG B1 (2 rows)",
+                                    (steps + 1) / t_c, (steps + 1) / t_hf, "transformers MusicgenForCausalLM",
+                                    "steps/s"))
                 if dtype == torch.float32:  # int8 weights (dynamic quantisation), against transformers in fp32
                     from .int8 import quantize_int8
 

@@ -43,9 +43,10 @@ address (:meth:`MusicLM.decode_step`), sampling on the device from a noise buffe
 positions to sample, which keep a prompt token or the special token) read from device
 tensors by a step counter that lives on the device too. The host only launches work: on a
 GPU the whole step is captured once in a CUDA graph and replayed (``cuda_graph``); on a CPU
-the same step runs eagerly. Greedy decoding gives the plain loop's tokens; sampling draws
-from the same distribution with other random numbers (same seed, same tokens, within each
-path).
+the same step runs eagerly, or compiled by ``torch.compile`` with ``compile_step=True`` (C++
+with the weights frozen in: the CPU's counterpart of the graph). Greedy decoding gives the
+plain loop's tokens; sampling draws from the same distribution with other random numbers
+(same seed, same tokens, within each path; the compiled step draws the eager fast loop's).
 """
 from __future__ import annotations
 
@@ -397,7 +398,7 @@ class MusicGen(nn.Module):
     def _sample_window(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
                        top_k: int, top_p: float, temperature: float, generator, two_pass_cfg: bool,
                        bar=None, null_cond=None, fast: bool = False, cuda_graph: bool | None = None,
-                       bpms=None, start: int = 0, keys=None, guide=None) -> torch.Tensor:
+                       bpms=None, start: int = 0, keys=None, guide=None, compile_step: bool = False) -> torch.Tensor:
         """``T`` frames of codes ``[B, K, T]`` in one window; ``prompt[B, K, Tp]`` codes are kept.
         ``bpms`` (a beat-clock LM, :meth:`clock_bpms`): each row's tempo, the window's first
         step predicting frame ``start`` of the piece; ``keys`` (a key-conditioned LM,
@@ -405,7 +406,8 @@ class MusicGen(nn.Module):
         guidance (:attr:`key_guide`), or None."""
         if fast:
             return self._sample_window_static(cond, cond_mask, T, prompt, B, cfg_coef, top_k, top_p, temperature,
-                                              generator, bar, null_cond, cuda_graph, bpms, start, keys, guide)
+                                              generator, bar, null_cond, cuda_graph, bpms, start, keys, guide,
+                                              compile_step)
         lm, pattern = self.lm, self.pattern
         seq, todo, first, S = self._start_window(T, prompt, B)
         key_state = self._start_guide(guide, B, prompt)
@@ -450,9 +452,10 @@ class MusicGen(nn.Module):
     def _sample_window_static(self, cond, cond_mask, T: int, prompt: torch.Tensor | None, B: int, cfg_coef: float,
                               top_k: int, top_p: float, temperature: float, generator, bar=None, null_cond=None,
                               cuda_graph: bool | None = None, bpms=None, start: int = 0, keys=None,
-                              guide=None) -> torch.Tensor:
+                              guide=None, compile_step: bool = False) -> torch.Tensor:
         """:meth:`_sample_window` with a static-shape step: no host sync inside the loop, and on
-        CUDA one captured graph replayed per step (``cuda_graph=None``: when on CUDA).
+        CUDA one captured graph replayed per step (``cuda_graph=None``: when on CUDA); on a CPU
+        with ``compile_step``, the LM's step compiled (:meth:`MusicLM.compiled_decode_step`).
 
         State on the device: ``seq[B, K, S + 1]`` (written in place), ``todo[K, S + 1]`` (where
         to sample), ``step`` ``(1,)`` (the step being predicted; the step's input is
@@ -465,6 +468,7 @@ class MusicGen(nn.Module):
             cuda_graph = device.type == "cuda"
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        lm_step = lm.compiled_decode_step() if compile_step else lm.decode_step
         seq, todo, first, S = self._start_window(T, prompt, B)
         if first > S:  # the prompt fills the window
             return self.pattern.revert(seq, T)
@@ -496,7 +500,7 @@ class MusicGen(nn.Module):
 
         def decode() -> None:  # one step, static shapes: what the CUDA graph captures
             x = seq.index_select(2, step - 1)  # (B, K, 1) the previous step's tokens
-            commit(lm.decode_step(torch.cat([x, x]) if guided else x, step + (P - 1), cache))
+            commit(lm_step(torch.cat([x, x]) if guided else x, step + (P - 1), cache))
 
         # prefill: the condition and every step before `first` (start token, prompt) in one forward
         x = seq[..., :first]
@@ -521,7 +525,8 @@ class MusicGen(nn.Module):
                        seed: int | None = None, num_samples: int | None = None, two_pass_cfg: bool = False,
                        progress: bool = True, melody=None, melody_sample_rate: int | None = None,
                        fast: bool = False, cuda_graph: bool | None = None, bpm=None, key=None,
-                       key_guidance: float | None = None, key_candidates: int | None = None) -> torch.Tensor:
+                       key_guidance: float | None = None, key_candidates: int | None = None,
+                       compile_step: bool = False) -> torch.Tensor:
         """Tokens for ``duration`` seconds: ``codes[B, K, T]`` (the prompt included when given).
 
         ``descriptions``: list of texts (``""`` / None: unconditional rows); None with
@@ -531,7 +536,10 @@ class MusicGen(nn.Module):
         reads the (looping) melody from the time it starts. See :meth:`generate_with_chroma`.
         ``fast``: the static-shape loop (one CFG batch, sampling on the device, a CUDA graph on
         a GPU: ``cuda_graph=None`` decides by the device); greedy gives the same tokens as the
-        plain loop, sampling other draws from the same distribution. ``cfg_coef`` None: the
+        plain loop, sampling other draws from the same distribution. ``compile_step`` (with
+        ``fast``, on a CPU): the LM's step compiled by ``torch.compile``
+        (:meth:`MusicLM.compiled_decode_step`): the first call for a shape (rows, window length)
+        compiles for about 20 s (the lite LM, 2 cores), every later step runs faster. ``cfg_coef`` None: the
         model's own (:attr:`cfg_coef`, 3 unless its folder says otherwise). ``bpm`` (a model whose
         LM has a beat clock): the tempo to keep, a number or one per row; None: the caption's
         stated bpm, else the model's guess from its words (:meth:`clock_bpms`). The clock starts
@@ -549,6 +557,10 @@ class MusicGen(nn.Module):
             cfg_coef = self.cfg_coef
         if fast and two_pass_cfg:
             raise ValueError("fast=True runs guidance as one batch of 2B rows; pass two_pass_cfg=False")
+        if compile_step and not fast:
+            raise ValueError("compile_step=True compiles the static-shape step of fast=True: pass fast=True too")
+        if compile_step and cuda_graph:
+            raise ValueError("compile_step is for a CPU and cuda_graph for CUDA: pass one of them")
         if descriptions is None:
             descriptions = [None] * (num_samples or (prompt_codes.shape[0] if prompt_codes is not None else 1))
         if isinstance(descriptions, str):
@@ -561,7 +573,7 @@ class MusicGen(nn.Module):
                 n_cand, descriptions, duration, prompt_codes=prompt_codes, cfg_coef=cfg_coef, top_k=top_k,
                 top_p=top_p, temperature=temperature, seed=seed, two_pass_cfg=two_pass_cfg, progress=progress,
                 melody=melody, melody_sample_rate=melody_sample_rate, fast=fast, cuda_graph=cuda_graph, bpm=bpm,
-                key=key, key_guidance=key_guidance)
+                key=key, key_guidance=key_guidance, compile_step=compile_step)
         B, T = len(descriptions), self._frames(duration)
         Tp = 0
         if prompt_codes is not None:
@@ -593,6 +605,7 @@ class MusicGen(nn.Module):
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         opts = dict(B=B, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
                     generator=generator, two_pass_cfg=two_pass_cfg, fast=fast, cuda_graph=cuda_graph,
+                    compile_step=compile_step,
                     guide=(guide_keys, strength) if strength else None, null_cond=self.null_condition(cond, cond_mask) if cond is not None else None)
 
         plan = self.plan_windows(T, Tp)

@@ -66,7 +66,10 @@ modules' path and to the full forward.
 :meth:`MusicLM.decode_step` is the same decoding step with *static shapes*, for CUDA graphs:
 the write position is a device tensor (``index_copy_`` into the cache), attention reads the
 whole cache with a mask built from that tensor, so no shape, address or Python number
-changes from one step to the next and one captured graph replays every step.
+changes from one step to the next and one captured graph replays every step. On a CPU the
+same static step can be compiled instead (:class:`CompiledStep`, ``torch.compile`` with the
+weights frozen in): generated C++ in place of about 30 tensor operations a layer, each
+launched from Python.
 
 Sizes (:func:`lm_config`): ``tiny`` (tests, CI), ``lite`` (a laptop CPU), and MusicGen's
 ``small`` (1024 x 24 layers x 16 heads, ffn 4096, ~300M parameters), ``medium`` (1536 x 48
@@ -75,6 +78,7 @@ x 24) and ``large`` (2048 x 48 x 32); ``full`` is ``small``.
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -252,7 +256,8 @@ class Linear(nn.Linear):
         packed weight, for a decoding step's few rows in bf16 on a CPU without gradients; None
         where that path does not apply."""
         if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16
-                and x.numel() <= 8 * self.in_features and not torch.is_grad_enabled()):
+                and x.numel() <= 8 * self.in_features and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):  # a compiled step: inductor packs its own weights
             packed = self._packed_bf16()
             if packed is not None:
                 return _packed_linear(x, packed, self.out_features, activation)
@@ -310,16 +315,19 @@ class KVCache:
     """Preallocated keys and values of every layer, for step-by-step decoding.
 
     ``self_k[i]`` / ``self_v[i]``: ``[B, H, max_len, hd]``, written in place at positions
-    ``pos .. pos + S`` by each forward; ``pos`` counts the positions already seen. The
+    ``pos .. pos + S`` by each forward; ``pos`` counts the positions already seen. Each layer's
+    is a tensor of its own (not a view of one stack): a compiled step
+    (:meth:`MusicLM.compiled_decode_step`) then writes one row in place, where a view of a
+    stack made it copy the whole stack every step. The
     cross-attention keys and values (and the condition mask) are filled at the first
     forward that brings a condition, and reused by every later step.
     """
 
     def __init__(self, config: LMConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
         H, hd = config.num_heads, config.dim // config.num_heads
-        shape = (config.num_layers, batch, H, max_len, hd)
-        self.self_k = torch.zeros(shape, device=device, dtype=dtype)
-        self.self_v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, H, max_len, hd)
+        self.self_k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.self_v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * config.num_layers
         self.cross_mask: torch.Tensor | None = None  # (B, 1, 1, L) bool, or None: attend to all
         self.cross_gate: torch.Tensor | None = None  # (B, 1, 1) 0 where no condition token is valid
@@ -376,8 +384,8 @@ def attention(q, k, v, mask=None, causal: bool = False, dropout_p: float = 0.0) 
     ``mask``: bool, True where a key may be seen, or a float mask added to the scores
     (broadcast like SDPA's).
     """
-    if (q.shape[-2] == 1 and k.shape[-2] >= 32 and not causal and dropout_p == 0.0 and q.device.type == "cpu"
-            and q.dtype in (torch.bfloat16, torch.float16)):
+    if (q.shape[-2] == 1 and not causal and dropout_p == 0.0 and q.device.type == "cpu"
+            and ((k.shape[-2] >= 32 and q.dtype in (torch.bfloat16, torch.float16)) or torch.compiler.is_compiling())):
         scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (..., 1, L)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
@@ -409,9 +417,9 @@ class SelfAttention(nn.Module):
             p = cache.pos
             if p + S > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} positions; {p} used, {S} more asked")
-            cache.self_k[layer, :, :, p:p + S] = k
-            cache.self_v[layer, :, :, p:p + S] = v
-            k, v = cache.self_k[layer, :, :, :p + S], cache.self_v[layer, :, :, :p + S]  # (B, H, p+S, hd)
+            cache.self_k[layer][:, :, p:p + S] = k
+            cache.self_v[layer][:, :, p:p + S] = v
+            k, v = cache.self_k[layer][:, :, :p + S], cache.self_v[layer][:, :, :p + S]  # (B, H, p+S, hd)
             if S == 1:  # one new position sees everything cached: no mask at all
                 causal = False
             elif p > 0:  # a block after a prefix: position i sees the prefix and block[:i+1]
@@ -625,9 +633,9 @@ class MusicLM(nn.Module):
             n1, attn = block.norm1, block.attn
             h = F.layer_norm(x, (D,), n1.weight, n1.bias, n1.eps)
             q, k, v = attn.qkv.forward(h).view(B, 3, H, 1, D // H).unbind(1)  # 3 x (B, H, 1, hd)
-            cache.self_k[i, :, :, p:p + 1] = k
-            cache.self_v[i, :, :, p:p + 1] = v
-            y = attention(q, cache.self_k[i, :, :, :p + 1], cache.self_v[i, :, :, :p + 1])  # one query: no mask
+            cache.self_k[i][:, :, p:p + 1] = k
+            cache.self_v[i][:, :, p:p + 1] = v
+            y = attention(q, cache.self_k[i][:, :, :p + 1], cache.self_v[i][:, :, :p + 1])  # one query: no mask
             x = x + attn.proj.forward(y.reshape(B, 1, D))  # (B, H, 1, hd) -> (B, 1, D): heads in order
             if cross[i] is not None:
                 nc, ca = block.norm_cross, block.cross
@@ -678,6 +686,7 @@ class MusicLM(nn.Module):
         (packed once per weight version): K calls cost K call overheads."""
         B, S, D = x.shape
         if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and B * S <= 8 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()
                 and all(type(h) is Linear and h.weight.dtype == torch.bfloat16 for h in self.heads)):
             packed = _pack_bf16(self, "_heads_packed", [h.weight for h in self.heads])
             if packed is not None:
@@ -685,9 +694,10 @@ class MusicLM(nn.Module):
                 return _packed_linear(x, packed, K * bins).view(B, S, K, bins).transpose(1, 2)  # (B, K, S, bins)
         return torch.stack([head(x) for head in self.heads], dim=1)  # (B, K, S, bins)
 
-    def __getstate__(self):  # copies and pickles leave the packed heads behind
+    def __getstate__(self):  # copies and pickles leave the packed heads and the compiled step behind
         state = dict(super().__getstate__())
         state.pop("_heads_packed", None)
+        state.pop("_compiled_step", None)
         return state
 
     def _add_melody(self, x, cond, cond_mask, cache, start):
@@ -787,6 +797,20 @@ class MusicLM(nn.Module):
             x = block(x, cross[i], mask, gate, cache, i, static=(pos, visible))
         return self._heads(self.out_norm(x))[:, :, 0]  # (B, K, bins)
 
+    def compiled_decode_step(self) -> "CompiledStep":
+        """:meth:`decode_step` compiled (:class:`CompiledStep`) for this model as it is now: the CPU's
+        counterpart of the CUDA graph (``MusicGen.generate(..., fast=True, compile_step=True)``).
+        Kept and reused while the weights stay the same (the same tensors, unchanged in place);
+        compiled again when they are not, since the compiled step holds them as constants."""
+        device = next(self.parameters()).device
+        if device.type != "cpu":
+            raise ValueError(f"compiled_decode_step is for a model on the CPU (this one is on {device}); on CUDA "
+                             "the CUDA graph does this: generate(..., fast=True)")
+        step = self.__dict__.get("_compiled_step")
+        if step is None or step.weights_key != CompiledStep.key(self):
+            step = self.__dict__["_compiled_step"] = CompiledStep(self)
+        return step
+
     def prefix_length(self, cond: torch.Tensor | None) -> int:
         """Positions that ``cond[B, L, D]`` takes before the first token: ``L`` in prepend mode
         (less the ``melody_rows`` chroma rows that ``melody_mode="add"`` adds to the steps instead),
@@ -817,6 +841,46 @@ class MusicLM(nn.Module):
         ce = F.cross_entropy(per_token.flatten(0, 2).float(), codes.flatten(), reduction="none")
         per_codebook = ce.view(B, K, T).mean(dim=(0, 2))  # (K,)
         return per_codebook.mean(), per_codebook
+
+
+class CompiledStep:
+    """``MusicLM.decode_step`` through ``torch.compile`` (inductor), for one model on a CPU.
+
+    A decoding step of a small LM costs the dispatch of its operations more than their
+    arithmetic (the lite LM: about 30 tensor operations a layer). Compiled, the step becomes
+    generated C++ (the C++ wrapper: no Python between kernels) with the weights frozen in as
+    constants, which lets inductor pack every projection for oneDNN once and fuse the
+    element-wise work between them. The first call compiles (about 20 s for the lite LM on 2
+    cores) and needs a C++ compiler; so does each new shape (batch or cache length).
+
+    The weights are constants of the compiled code, so this object belongs to one model and
+    its weights as they were (:attr:`weights_key`; :meth:`MusicLM.compiled_decode_step`
+    builds a new one when they change). It compiles a private copy of ``decode_step``'s code:
+    torch.compile keeps its compiled versions per code object, and two models sharing one would
+    share each other's frozen weights. ``fullgraph=True``: a graph break would compile part of
+    the step under the shared code of a function it calls."""
+
+    def __init__(self, lm: MusicLM):
+        self.weights_key = self.key(lm)
+        fn = MusicLM.decode_step
+        private = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                     fn.__closure__)
+        self._step = torch.compile(types.MethodType(private, lm), dynamic=False, fullgraph=True)
+
+    @staticmethod
+    def key(lm: nn.Module) -> tuple:
+        """What the compiled code assumed of ``lm``'s weights: each tensor and its in-place version."""
+        return tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in lm.parameters())
+
+    def __call__(self, seq: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        import torch._inductor.config as config
+
+        saved = config.freezing, config.cpp_wrapper
+        config.freezing = config.cpp_wrapper = True  # read when a shape compiles (the first call, or a new shape)
+        try:
+            return self._step(seq, pos, cache)
+        finally:
+            config.freezing, config.cpp_wrapper = saved
 
 
 # ------------------------------------------------------------------------- transformers port

@@ -53,13 +53,13 @@ def test_decode_step_equals_the_cached_forward(mode):
         ref = [lm(seq[..., :4], cond, mask, cache=plain, last_only=True)[:, :, -1]]
         ref += [lm(seq[..., s:s + 1], cache=plain)[:, :, -1] for s in range(4, 9)]
         out = [lm(seq[..., :4], cond, mask, cache=static, last_only=True)[:, :, -1]]  # the prefill is plain
-        ptr, pos = static.self_k.data_ptr(), torch.tensor([P + 4])
+        ptr, pos = static.self_k[0].data_ptr(), torch.tensor([P + 4])
         for s in range(4, 9):
             out.append(lm.decode_step(seq[..., s:s + 1], pos, static))
             pos.add_(1)
     for a, b in zip(ref, out):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    assert static.self_k.data_ptr() == ptr and static.pos == P + 4  # written in place; pos is the caller's
+    assert static.self_k[0].data_ptr() == ptr and static.pos == P + 4  # written in place; pos is the caller's
     with pytest.raises(ValueError, match=r"seq must be \[B, K=4, 1\]"):
         lm.decode_step(seq[..., :2], pos, static)
 

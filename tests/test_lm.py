@@ -93,14 +93,14 @@ def test_kv_cache_decoding_equals_full_forward(hf_and_ours):
         full = lm(seq, cond, mask)
         calls.clear()
         cache = lm.new_cache(2, max_len=16)
-        ptr = cache.self_k.data_ptr()
+        ptr = cache.self_k[0].data_ptr()
         parts = [lm(seq[..., :4], cond, mask, cache=cache)]  # prefill 4 positions at once
         parts.append(lm(seq[..., 4:7], cache=cache))  # a block after a prefix (masked)
         parts += [lm(seq[..., s:s + 1], cache=cache) for s in range(7, 11)]  # one step at a time
     for h in hooks:
         h.remove()
     torch.testing.assert_close(torch.cat(parts, dim=2), full, rtol=1e-5, atol=1e-5)
-    assert cache.pos == 11 and cache.self_k.data_ptr() == ptr  # preallocated, written in place
+    assert cache.pos == 11 and cache.self_k[0].data_ptr() == ptr  # preallocated, written in place
     assert len(calls) == lm.config.num_layers  # condition keys/values computed once per generation
     with pytest.raises(ValueError, match="KV cache holds 16"):
         lm(seq[..., :6], cache=cache)
