@@ -869,8 +869,11 @@ class CompiledStep:
 
     @staticmethod
     def key(lm: nn.Module) -> tuple:
-        """What the compiled code assumed of ``lm``'s weights: each tensor and its in-place version."""
-        return tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in lm.parameters())
+        """What the compiled code assumed of ``lm``'s weights: each tensor and its in-place version
+        (None for a weight made under ``torch.inference_mode``, which keeps no version: an
+        in-place edit of one goes unseen, so make models outside it)."""
+        return tuple((id(p), None if p.is_inference() else p._version, p.data_ptr(), p.dtype)
+                     for p in lm.parameters())
 
     def __call__(self, seq: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         import torch._inductor.config as config

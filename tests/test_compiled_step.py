@@ -77,3 +77,10 @@ def test_compiled_step_errors():
         mg.generate_codes(TEXTS, duration=0.1, fast=True, compile_step=True, cuda_graph=True, progress=False)
     with pytest.raises(ValueError, match="compiled_decode_step is for a model on the CPU"):
         MusicLM(lm_config("tiny", bins=V)).to("meta").compiled_decode_step()
+
+
+def test_the_weights_key_of_a_model_made_under_inference_mode():
+    """Its weights keep no version counter: the key must not ask for one."""
+    with torch.inference_mode():
+        lm = MusicLM(lm_config("tiny", bins=V)).eval()
+        assert CompiledStep.key(lm) == CompiledStep.key(lm)
