@@ -335,31 +335,34 @@ def _lm_decoders(ours, hf, steps: int, L: int = 12, context: int = 0, compiled: 
             x = seq[..., -1:]
             for _ in range(steps):
                 x = pick(hf_step(x, past)[0]).unsqueeze(-1)
-    elif compiled:
-        step_fn = ours.compiled_decode_step()
-        positions = [torch.tensor([p]) for p in range(1, steps + 1)]
-
-        def run_ours():
-            cache = ours.new_cache(2, -(-(steps + 1) // 8) * 8)
-            x = torch.full((1, K, 1), special)
-            x = pick(ours(x.repeat(2, 1, 1), cond, mask, cache=cache, last_only=True)[:, :, -1]).unsqueeze(-1)
-            for p in positions:
-                x = pick(step_fn(x.repeat(2, 1, 1), p, cache)).unsqueeze(-1)
     else:
-        def run_ours():
-            cache = ours.new_cache(2, steps + 1)
-            x = torch.full((1, K, 1), special)
-            for s in range(steps + 1):
-                first = s == 0
-                logits = ours(x.repeat(2, 1, 1), cond if first else None, mask if first else None, cache=cache,
-                              last_only=True)[:, :, -1]
-                x = pick(logits).unsqueeze(-1)
-    if not context:
         def run_hf():
             past, x = None, torch.full((1, K, 1), special)
             for _ in range(steps + 1):
                 logits, past = hf_step(x, past)
                 x = pick(logits).unsqueeze(-1)
+
+        if compiled:
+            step_fn = ours.compiled_decode_step()
+            positions = [torch.tensor([p]) for p in range(1, steps + 1)]
+
+            def run_ours():
+                cache = ours.new_cache(2, -(-(steps + 1) // 8) * 8)
+                x = torch.full((1, K, 1), special)
+                x = pick(ours(x.repeat(2, 1, 1), cond, mask, cache=cache, last_only=True)[:, :, -1]).unsqueeze(-1)
+                for p in positions:
+                    x = pick(step_fn(x.repeat(2, 1, 1), p, cache)).unsqueeze(-1)
+                return x  # the last tokens: the tests compare the two runners
+        else:
+            def run_ours():
+                cache = ours.new_cache(2, steps + 1)
+                x = torch.full((1, K, 1), special)
+                for s in range(steps + 1):
+                    first = s == 0
+                    logits = ours(x.repeat(2, 1, 1), cond if first else None, mask if first else None, cache=cache,
+                                  last_only=True)[:, :, -1]
+                    x = pick(logits).unsqueeze(-1)
+                return x
 
     per_step = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("emb.") and ".cross.kv." not in n)
     return run_ours, run_hf, per_step * torch.finfo(dtype).bits // 8

@@ -344,7 +344,7 @@ def test_position_table_grows_and_matches_the_formula():
     torch.testing.assert_close(lm.positions(3000, "cpu")[:3000], sinusoidal_positions(torch.arange(3000), 64))
 
 
-def test_bench_decoders_run_deep_into_a_clip_for_both_models():
+def test_bench_decoders_run_for_both_models_deep_into_a_clip_and_compiled():
     """`bench lm`'s runners at a tiny size: the context variant prefills once, then every run
     decodes after the same context (ours resets its position, transformers' cache is cut back)."""
     from musicgen_lite.bench import _lm_decoders, _lm_models
@@ -356,3 +356,9 @@ def test_bench_decoders_run_deep_into_a_clip_for_both_models():
             for _ in range(2):
                 run_ours(), run_hf()
             assert step_bytes > 0
+        # the compiled step's runner: the same draws as the eager one (each runner seeds its own sampler)
+        eager = _lm_decoders(ours, hf, 6)[0]()
+        compiled = _lm_decoders(ours, hf, 6, compiled=True)[0]()
+        assert torch.equal(compiled, eager)
+        with pytest.raises(ValueError, match="pass context=0"):
+            _lm_decoders(ours, hf, 3, context=40, compiled=True)
