@@ -384,8 +384,8 @@ def attention(q, k, v, mask=None, causal: bool = False, dropout_p: float = 0.0) 
     ``mask``: bool, True where a key may be seen, or a float mask added to the scores
     (broadcast like SDPA's).
     """
-    if (q.shape[-2] == 1 and not causal and dropout_p == 0.0 and q.device.type == "cpu"
-            and ((k.shape[-2] >= 32 and q.dtype in (torch.bfloat16, torch.float16)) or torch.compiler.is_compiling())):
+    if (q.shape[-2] == 1 and k.shape[-2] >= 32 and not causal and dropout_p == 0.0 and q.device.type == "cpu"
+            and q.dtype in (torch.bfloat16, torch.float16)):
         scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (..., 1, L)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
