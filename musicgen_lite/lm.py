@@ -866,6 +866,7 @@ class CompiledStep:
         private = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                                      fn.__closure__)
         self._step = torch.compile(types.MethodType(private, lm), dynamic=False, fullgraph=True)
+        self._eager = lm.decode_step
 
     @staticmethod
     def key(lm: nn.Module) -> tuple:
@@ -882,6 +883,10 @@ class CompiledStep:
         config.freezing = config.cpp_wrapper = True  # read when a shape compiles (the first call, or a new shape)
         try:
             return self._step(seq, pos, cache)
+        except Exception as error:  # a bad argument surfaces as a tracing error: let the eager step name it
+            self._eager(seq, pos, cache)
+            raise RuntimeError("torch.compile could not compile the decoding step (see above); "
+                               "generate with compile_step=False") from error
         finally:
             config.freezing, config.cpp_wrapper = saved
 

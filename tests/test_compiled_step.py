@@ -77,6 +77,16 @@ def test_compiled_step_errors():
         mg.generate_codes(TEXTS, duration=0.1, fast=True, compile_step=True, cuda_graph=True, progress=False)
     with pytest.raises(ValueError, match="compiled_decode_step is for a model on the CPU"):
         MusicLM(lm_config("tiny", bins=V)).to("meta").compiled_decode_step()
+    lm = MusicLM(lm_config("tiny", bins=V)).eval()  # a bad argument: the step's own error, not a tracing error
+    with torch.no_grad(), pytest.raises(ValueError, match=r"seq must be \[B, K=4, 1\]"):
+        lm.compiled_decode_step()(torch.zeros(2, 4, 2, dtype=torch.long), torch.tensor([1]), lm.new_cache(2, 8))
+    def no_compiler(*args):
+        raise OSError("no C++ compiler")
+
+    step = lm.compiled_decode_step()  # good arguments, but compiling fails
+    step._step = no_compiler
+    with torch.no_grad(), pytest.raises(RuntimeError, match="generate with compile_step=False"):
+        step(torch.zeros(2, 4, 1, dtype=torch.long), torch.tensor([0]), lm.new_cache(2, 8))
 
 
 def test_the_weights_key_of_a_model_made_under_inference_mode():
