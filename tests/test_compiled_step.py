@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generation import V, toy_musicgen
+from test_fast_generation import toy_melody_musicgen, tune
+from test_generation import V, ToyCodec, toy_musicgen
 
 from musicgen_lite.lm import CompiledStep, MusicLM, lm_config
 
@@ -28,6 +29,15 @@ def test_compiled_step_gives_the_fast_loops_tokens():
         if kw.get("top_k") == 1:
             assert torch.equal(compiled, mg.generate_codes(TEXTS, progress=False, **kw)), kw
     assert isinstance(mg.lm.__dict__["_compiled_step"], CompiledStep)  # kept on the model, reused
+
+
+def test_compiled_step_reads_the_melody_rows_of_a_melody_model():
+    """``melody_mode="add"``: the step itself picks each frame's chroma row (inside the compiled code)."""
+    mg = toy_melody_musicgen(melody_mode="add", melody_rows=6, melody_ratio=2.0)
+    melody = torch.cat([tune([60, 64], 0.4), tune([67, 71], 0.4)])[:, None]  # (2, 1, N)
+    kw = dict(duration=0.6, top_k=1, progress=False, melody=melody, melody_sample_rate=ToyCodec.sample_rate)
+    fast = mg.generate_codes(["rock", "jazz"], fast=True, **kw)  # two windows: the melody moves on
+    assert torch.equal(mg.generate_codes(["rock", "jazz"], fast=True, compile_step=True, **kw), fast)
 
 
 def _prefilled(lm: MusicLM, seed: int):
