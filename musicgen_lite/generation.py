@@ -559,8 +559,6 @@ class MusicGen(nn.Module):
             raise ValueError("fast=True runs guidance as one batch of 2B rows; pass two_pass_cfg=False")
         if compile_step and not fast:
             raise ValueError("compile_step=True compiles the static-shape step of fast=True: pass fast=True too")
-        if compile_step and cuda_graph:
-            raise ValueError("compile_step is for a CPU and cuda_graph for CUDA: pass one of them")
         if descriptions is None:
             descriptions = [None] * (num_samples or (prompt_codes.shape[0] if prompt_codes is not None else 1))
         if isinstance(descriptions, str):

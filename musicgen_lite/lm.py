@@ -849,8 +849,8 @@ class CompiledStep:
     A decoding step of a small LM costs the dispatch of its operations more than their
     arithmetic (the lite LM: about 30 tensor operations a layer). Compiled, the step becomes
     generated C++ (the C++ wrapper: no Python between kernels) with the weights frozen in as
-    constants, which lets inductor pack every projection for oneDNN once and fuse the
-    element-wise work between them. The first call compiles (about 20 s for the lite LM on 2
+    constants and the element-wise work between the projections fused; in bf16 freezing also
+    lets inductor pack every projection for oneDNN once (fp32 keeps plain matrix products). The first call compiles (about 20 s for the lite LM on 2
     cores) and needs a C++ compiler; so does each new shape (batch or cache length).
 
     The weights are constants of the compiled code, so this object belongs to one model and
@@ -867,6 +867,9 @@ class CompiledStep:
                                      fn.__closure__)
         self._step = torch.compile(types.MethodType(private, lm), dynamic=False, fullgraph=True)
         self._eager = lm.decode_step
+        import torch._inductor.config as inductor_config  # here, not at import: 1.3 s on 2 cores
+
+        self._config = inductor_config  # read by inductor when a shape compiles
 
     @staticmethod
     def key(lm: nn.Module) -> tuple:
@@ -877,8 +880,7 @@ class CompiledStep:
                      for p in lm.parameters())
 
     def __call__(self, seq: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        import torch._inductor.config as config
-
+        config = self._config
         saved = config.freezing, config.cpp_wrapper
         config.freezing = config.cpp_wrapper = True  # read when a shape compiles (the first call, or a new shape)
         try:

@@ -83,7 +83,7 @@ def test_compiled_step_errors():
     mg = toy_musicgen()
     with pytest.raises(ValueError, match="pass fast=True too"):
         mg.generate_codes(TEXTS, duration=0.1, compile_step=True, progress=False)
-    with pytest.raises(ValueError, match="compile_step is for a CPU and cuda_graph for CUDA"):
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
         mg.generate_codes(TEXTS, duration=0.1, fast=True, compile_step=True, cuda_graph=True, progress=False)
     with pytest.raises(ValueError, match="compiled_decode_step is for a model on the CPU"):
         MusicLM(lm_config("tiny", bins=V)).to("meta").compiled_decode_step()
@@ -99,8 +99,9 @@ def test_compiled_step_errors():
         step(torch.zeros(2, 4, 1, dtype=torch.long), torch.tensor([0]), lm.new_cache(2, 8))
 
 
-def test_the_weights_key_of_a_model_made_under_inference_mode():
-    """Its weights keep no version counter: the key must not ask for one."""
+def test_a_model_made_under_inference_mode_gets_a_compiled_step():
+    """Its weights keep no version counter: the weights' key must not ask for one."""
     with torch.inference_mode():
         lm = MusicLM(lm_config("tiny", bins=V)).eval()
-        assert CompiledStep.key(lm) == CompiledStep.key(lm)
+        step = lm.compiled_decode_step()
+        assert isinstance(step, CompiledStep) and lm.compiled_decode_step() is step
