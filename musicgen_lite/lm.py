@@ -57,11 +57,14 @@ values of the condition are computed once per generation, at the first step; in 
 mode the prefix is read once, at the first step, and stays in the cache like any position.
 
 A cached forward of one position without gradients (every step of generation after the
-prefill) runs :meth:`MusicLM._lean_blocks`: the blocks' arithmetic as one flat loop, fc1's
-GELU fused into its oneDNN call, the heads as one packed matrix, and the cross-attention's
-query and output projections folded into the condition once per generation. A small LM's
-step is bound by how many operations it launches, not by its weights; tests hold it to the
-modules' path and to the full forward.
+prefill) runs :meth:`MusicLM._lean_blocks`: the blocks' arithmetic as one flat loop, and the
+cross-attention's query and output projections folded into the condition once per
+generation. A small LM's step is bound by how many operations it launches, not by its
+weights; tests hold it to the modules' path and to the full forward. A big LM's step is
+bound by streaming its weights, and which matrix kernel streams them fastest past one or two
+rows depends on the CPU: at its first decoding step the model times its candidates on its
+own weights and keeps the fastest (:meth:`MusicLM.tune_decode_kernel`; in bf16 the
+``"packed"`` kernel also fuses fc1's GELU and makes the heads one matrix).
 
 :meth:`MusicLM.decode_step` is the same decoding step with *static shapes*, for CUDA graphs:
 the write position is a device tensor (``index_copy_`` into the cache), attention reads the
@@ -231,18 +234,29 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int, max_period: float = 
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` without bias, with faster CPU paths for the few rows of a decoding step.
+    """``nn.Linear`` without bias, with a choice of CPU kernels for the few rows of a decoding step.
 
-    - fp32 on CPU, at most 8 rows: ``W @ x^T`` (a matrix times a few vectors) takes a leaner
-      BLAS path than ``x @ W^T``: on our 2-core test machine (one thread) it streamed a stack
-      of 4096 x 1024 weights at 19 vs 7 GB/s, and the lite decoder stepped about 100 vs 65
-      steps/s.
-    - bf16 on CPU, at most 8 rows, no gradient: the weight is packed once into oneDNN's
-      blocked layout (cached per parameter version) instead of being re-laid out by every
-      call. See ``musicgen-lite bench lm`` for what each path gives.
+    Which kernel streams a matrix fastest past one or two vectors depends on the CPU, so a
+    :class:`MusicLM` measures its candidates once (:meth:`MusicLM.tune_decode_kernel`) and sets
+    :attr:`decode_kernel` on all its projections (``DECODE_KERNELS``):
 
-    Same result up to rounding, same state-dict names.
+    - ``"linear"``: ``F.linear`` (PyTorch's own path, as transformers uses it); the default,
+      and the only kernel for anything but a decoding step's few rows on a CPU;
+    - ``"wx"`` (fp32): ``W @ x^T``, a matrix times a few vectors, which MKL runs on a
+      different path than ``x @ W^T``;
+    - ``"packed"`` (bf16, no gradient): the weight packed once into oneDNN's preferred layout
+      (cached per parameter version), and fc1's GELU fused into the same call
+      (:func:`linear_gelu`).
+
+    Measured on two 2-core cloud hosts that both call themselves "Intel Xeon Processor"
+    (2 rows x 24 separate 4096 x 1024 weights, ``musicgen-lite bench lm``'s roofline probe):
+    on the first, ``"wx"`` streamed fp32 at 19 against 7 GB/s for ``"linear"`` (one thread)
+    and packing sped bf16 up; on the second (no AVX512-BF16), ``"linear"`` streamed 15
+    against 7 GB/s and packing kept the plain layout and slowed bf16 down (0.92 against 1.4
+    ms a matrix). Same result up to rounding (bf16: bit for bit), same state-dict names.
     """
+
+    decode_kernel = "linear"  # set per module by MusicLM.set_decode_kernel / tune_decode_kernel
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -253,10 +267,11 @@ class Linear(nn.Linear):
 
     def _bf16_step(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor | None:
         """``x @ W^T`` (then ``activation``, oneDNN's name: ``"none"`` or ``"gelu"``) through the
-        packed weight, for a decoding step's few rows in bf16 on a CPU without gradients; None
-        where that path does not apply."""
-        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16
-                and x.numel() <= 8 * self.in_features and not torch.is_grad_enabled()
+        packed weight, for a decoding step's few rows in bf16 on a CPU without gradients when this
+        module's kernel is ``"packed"``; None where that path does not apply."""
+        if (self.decode_kernel == "packed" and x.device.type == "cpu" and x.dtype == torch.bfloat16
+                and self.weight.dtype == torch.bfloat16 and x.numel() <= 8 * self.in_features
+                and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):  # a compiled step: inductor packs its own weights
             packed = self._packed_bf16()
             if packed is not None:
@@ -269,12 +284,21 @@ class Linear(nn.Linear):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= 8 * self.in_features:
+        kernel = self.decode_kernel
+        if kernel == "wx" and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 \
+                and x.numel() <= 8 * self.in_features and not torch.compiler.is_compiling():
             flat = x.reshape(-1, self.in_features)
             # contiguous: attention kernels want unit-stride rows (else SDPA takes its slow path)
             return (self.weight @ flat.T).T.contiguous().view(*x.shape[:-1], self.out_features)
-        y = self._bf16_step(x)
+        y = self._bf16_step(x) if kernel == "packed" else None
         return y if y is not None else F.linear(x, self.weight)
+
+
+# the decoding kernels :meth:`MusicLM.tune_decode_kernel` chooses among, per weight dtype (CPU);
+# the first is the plain path, kept unless another is clearly faster (KERNEL_MARGIN)
+DECODE_KERNELS = {torch.float32: ("linear", "wx"), torch.bfloat16: ("linear", "packed")}
+KERNEL_MARGIN = 0.9  # another kernel must take under 90% of the plain one's time
+_TUNED: dict[tuple, dict[str, float]] = {}  # this process's measurements, per (dtype, rows, threads, shapes)
 
 
 def _pack_bf16(owner: nn.Module, slot: str, weights: list[torch.Tensor]):
@@ -538,6 +562,89 @@ class MusicLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # ------------------------------------------------------------------ decoding kernels
+    @property
+    def decode_kernel(self) -> str:
+        """The kernel the projections use for a decoding step's few rows (:class:`Linear`):
+        ``"linear"``, ``"wx"`` (fp32) or ``"packed"`` (bf16)."""
+        return self.heads[0].decode_kernel if type(self.heads[0]) is Linear else "linear"
+
+    def set_decode_kernel(self, kernel: str = "auto") -> None:
+        """Pin the decoding kernel of every projection (``"linear"``, ``"wx"``, ``"packed"``; a
+        kernel meant for another dtype falls back to ``"linear"``), or ``"auto"`` (the default):
+        measure the candidates of the weights' dtype at the first decoding step on a CPU
+        (:meth:`tune_decode_kernel`), and again after a cast or a change of thread count.
+        Pin a kernel for bit-exact reruns across processes: kernels round differently in fp32."""
+        names = {"auto"} | {k for ks in DECODE_KERNELS.values() for k in ks}
+        if kernel not in names:
+            raise ValueError(f"kernel must be one of {sorted(names)}, got {kernel!r}")
+        self.__dict__["_kernel_mode"] = kernel
+        self.__dict__.pop("_kernel_for", None)
+        self._apply_decode_kernel("linear" if kernel == "auto" else kernel)
+
+    def _apply_decode_kernel(self, kernel: str) -> None:
+        for module in self.modules():
+            if type(module) is Linear:
+                module.decode_kernel = kernel
+                if kernel != "packed":
+                    module.__dict__.pop("_packed", None)  # free the packed copies
+        if kernel != "packed":
+            self.__dict__.pop("_heads_packed", None)
+
+    def _ensure_decode_kernel(self, x: torch.Tensor) -> None:
+        """Tune at the first decoding step of ``x``'s dtype and this thread count (``"auto"``)."""
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu"
+                and self.__dict__.get("_kernel_mode", "auto") == "auto"
+                and self.__dict__.get("_kernel_for") != (x.dtype, torch.get_num_threads())):
+            self.tune_decode_kernel(rows=x.shape[0] * x.shape[1])
+
+    def _tuning_key(self, rows: int) -> tuple:
+        """What a kernel measurement holds for: dtype, rows, threads and the projections' shapes."""
+        return (self.emb[0].weight.dtype, rows, torch.get_num_threads(),
+                tuple(tuple(m.weight.shape) for m in self.modules() if type(m) is Linear))
+
+    @torch.no_grad()
+    def tune_decode_kernel(self, rows: int = 2, rounds: int = 3) -> dict[str, float]:
+        """Time each candidate kernel of the weights' dtype (``DECODE_KERNELS``) on this model's
+        own projections, as a decoding step runs them (``rows`` rows through every block's
+        qkv, output, fc1 + GELU and fc2 projections, then the heads: the weights streamed from
+        memory as a step streams them), ``rounds`` times in turn after one untimed pass; keep
+        the fastest (the plain ``"linear"`` unless another takes under ``KERNEL_MARGIN`` of its
+        time) and set it on every projection. Returns the best seconds of a pass per kernel.
+        Measured once per process for each dtype, row count, thread count and set of shapes,
+        so models of one architecture agree; inputs are constant (the random state is left
+        alone). Only the CPU has candidates."""
+        weight = self.emb[0].weight  # the model's dtype and device (int8 heads have no weight tensor)
+        dtype, threads = weight.dtype, torch.get_num_threads()
+        kernels = DECODE_KERNELS.get(dtype, ("linear",)) if weight.device.type == "cpu" else ("linear",)
+        key = self._tuning_key(rows)
+        times = _TUNED.get(key)
+        if times is None:
+            times = {kernels[0]: 0.0}
+            if len(kernels) > 1:
+                x = torch.ones(rows, 1, self.config.dim, dtype=dtype, device=weight.device)
+
+                def one_pass():
+                    for block in self.blocks:
+                        block.attn.qkv(x), block.attn.proj(x), block.fc2(linear_gelu(block.fc1, x))
+                    self._heads(x)
+
+                import time
+
+                times = {k: float("inf") for k in kernels}
+                for r in range(rounds + 1):
+                    for k in kernels:
+                        self._apply_decode_kernel(k)
+                        start = time.perf_counter()
+                        one_pass()
+                        if r:  # the first round packs weights: untimed
+                            times[k] = min(times[k], time.perf_counter() - start)
+            _TUNED[key] = times
+        plain, best = kernels[0], min(kernels, key=times.get)
+        self._apply_decode_kernel(best if times[best] < KERNEL_MARGIN * times[plain] else plain)
+        self.__dict__["_kernel_for"] = (dtype, threads)
+        return dict(times)
+
     # ----------------------------------------------------------------------------- forward
     def forward(self, seq: torch.Tensor, cond: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False, clock: torch.Tensor | None = None) -> torch.Tensor:
@@ -602,6 +709,7 @@ class MusicLM(nn.Module):
             raise ValueError("this LM has no cross-attention (config.cross_attention=False); pass cond=None")
 
         if cache is not None and n == 1 and self.lean_decode and not self.training and not torch.is_grad_enabled():
+            self._ensure_decode_kernel(x)
             x = self._lean_blocks(x, cross, mask, gate, cache)
         else:
             for i, block in enumerate(self.blocks):
@@ -682,12 +790,13 @@ class MusicLM(nn.Module):
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """``x[B, S, D]`` (normalised) -> ``logits[B, K, S, bins]``. In bf16 on a CPU for a
-        decoding step's few rows, the K heads are one packed matrix and one oneDNN call
-        (packed once per weight version): K calls cost K call overheads."""
+        decoding step's few rows with the ``"packed"`` kernel, the K heads are one packed matrix
+        and one oneDNN call (packed once per weight version): K calls cost K call overheads."""
         B, S, D = x.shape
         if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and B * S <= 8 and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()
-                and all(type(h) is Linear and h.weight.dtype == torch.bfloat16 for h in self.heads)):
+                and all(type(h) is Linear and h.weight.dtype == torch.bfloat16 and h.decode_kernel == "packed"
+                        for h in self.heads)):
             packed = _pack_bf16(self, "_heads_packed", [h.weight for h in self.heads])
             if packed is not None:
                 K, bins = len(self.heads), self.heads[0].out_features
@@ -781,6 +890,7 @@ class MusicLM(nn.Module):
         if seq.shape[0] != cache.batch:
             raise ValueError(f"seq has {seq.shape[0]} rows, the cache {cache.batch}")
         x = sum(self.emb[k](seq[:, k]) for k in range(cfg.num_codebooks))  # (B, 1, D)
+        self._ensure_decode_kernel(x)
         if cfg.melody_mode == "add" and cache.melody is not None:  # the chroma row of this step's frame
             row = melody_index(pos - cache.prefix, cfg.melody_rows, cfg.melody_ratio)  # (1,), on the device
             x = x + cache.melody.index_select(1, row).to(x.dtype)
