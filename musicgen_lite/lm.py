@@ -582,13 +582,13 @@ class MusicLM(nn.Module):
         self.__dict__.pop("_kernel_for", None)
         self._apply_decode_kernel("linear" if kernel == "auto" else kernel)
 
-    def _apply_decode_kernel(self, kernel: str) -> None:
+    def _apply_decode_kernel(self, kernel: str, free: bool = True) -> None:
         for module in self.modules():
             if type(module) is Linear:
                 module.decode_kernel = kernel
-                if kernel != "packed":
+                if kernel != "packed" and free:
                     module.__dict__.pop("_packed", None)  # free the packed copies
-        if kernel != "packed":
+        if kernel != "packed" and free:
             self.__dict__.pop("_heads_packed", None)
 
     def _ensure_decode_kernel(self, x: torch.Tensor) -> None:
@@ -634,7 +634,7 @@ class MusicLM(nn.Module):
                 times = {k: float("inf") for k in kernels}
                 for r in range(rounds + 1):
                     for k in kernels:
-                        self._apply_decode_kernel(k)
+                        self._apply_decode_kernel(k, free=False)  # packed once, kept until the choice
                         start = time.perf_counter()
                         one_pass()
                         if r:  # the first round packs weights: untimed

@@ -151,3 +151,20 @@ def test_a_cast_or_another_thread_count_measures_again_and_a_pinned_kernel_stays
 def test_set_decode_kernel_names_the_choices():
     with pytest.raises(ValueError, match="kernel must be one of .*'packed'.*got 'fast'"):
         _model().set_decode_kernel("fast")
+
+
+def test_tuning_packs_each_weight_once(fresh_tuning, monkeypatch):
+    """The packed kernel's copies are made in the untimed first pass and kept through the timed
+    rounds (freeing them between rounds would time the packing, not the kernel)."""
+    packs = []
+    real = lm_module._pack_bf16
+
+    def counting(owner, slot, weights):
+        if owner.__dict__.get(slot) is None:
+            packs.append((id(owner), slot))
+        return real(owner, slot, weights)
+
+    monkeypatch.setattr(lm_module, "_pack_bf16", counting)
+    lm = _model(torch.bfloat16)
+    lm.tune_decode_kernel(rows=2, rounds=3)
+    assert packs and len(packs) == len(set(packs)), (len(packs), len(set(packs)))
