@@ -248,12 +248,12 @@ class Linear(nn.Linear):
       (cached per parameter version), and fc1's GELU fused into the same call
       (:func:`linear_gelu`).
 
-    Measured on two 2-core cloud hosts that both call themselves "Intel Xeon Processor"
-    (2 rows x 24 separate 4096 x 1024 weights, ``musicgen-lite bench lm``'s roofline probe):
-    on the first, ``"wx"`` streamed fp32 at 19 against 7 GB/s for ``"linear"`` (one thread)
-    and packing sped bf16 up; on the second (no AVX512-BF16), ``"linear"`` streamed 15
-    against 7 GB/s and packing kept the plain layout and slowed bf16 down (0.92 against 1.4
-    ms a matrix). Same result up to rounding (bf16: bit for bit), same state-dict names.
+    Measured on two 2-core cloud hosts (2 rows x 24 separate 4096 x 1024 weights, as
+    ``musicgen-lite bench lm``'s roofline probe): on an AMD EPYC with AVX512-BF16, ``"wx"``
+    streamed fp32 at 19 against 7 GB/s for ``"linear"`` (one thread) and packing sped bf16
+    up; on an Intel Cascade Lake (no AVX512-BF16), ``"linear"`` streamed 15 against 7 GB/s,
+    and packing kept the plain layout and slowed bf16 down (0.92 against 1.4 ms a matrix).
+    Same result up to rounding, same state-dict names.
     """
 
     decode_kernel = "linear"  # set per module by MusicLM.set_decode_kernel / tune_decode_kernel
