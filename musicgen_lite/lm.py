@@ -81,6 +81,7 @@ x 24) and ``large`` (2048 x 48 x 32); ``full`` is ``small``.
 from __future__ import annotations
 
 import math
+import time
 import types
 from dataclasses import asdict, dataclass, replace
 
@@ -628,8 +629,6 @@ class MusicLM(nn.Module):
                     for block in self.blocks:
                         block.attn.qkv(x), block.attn.proj(x), block.fc2(linear_gelu(block.fc1, x))
                     self._heads(x)
-
-                import time
 
                 times = {k: float("inf") for k in kernels}
                 for r in range(rounds + 1):
