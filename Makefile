@@ -19,8 +19,13 @@ setup:
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
+# the unit tests run in 2 processes of one torch thread each (a file stays in one process); the
+# notebooks one at a time, each kernel with the machine's threads (two at once would oversubscribe)
+TEST_WORKERS ?= 2
+
 test: setup
-	CI=$${CI:-1} MUSICGEN_LITE_SCALE=tiny $(PY) -m pytest tests notebooks $(NBVAL_FLAGS)
+	CI=$${CI:-1} MUSICGEN_LITE_SCALE=tiny $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	CI=$${CI:-1} MUSICGEN_LITE_SCALE=tiny $(PY) -m pytest notebooks $(NBVAL_FLAGS)
 
 unit: setup
 	MUSICGEN_LITE_SCALE=tiny $(PY) -m pytest tests
