@@ -5,6 +5,12 @@ import os
 
 os.environ.setdefault("MUSICGEN_LITE_SCALE", "tiny")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # numba's on-disk cache (librosa's compiled functions) is not safe for two processes that
+    # compile the same function at once: with a cold cache a worker crashed reading the other's
+    # half-written entry (a segmentation fault in librosa's peak_pick). One cache per worker.
+    os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                          ".pytest_cache", "numba-" + os.environ["PYTEST_XDIST_WORKER"]))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
