@@ -291,7 +291,7 @@ class Linear(nn.Linear):
             flat = x.reshape(-1, self.in_features)
             # contiguous: attention kernels want unit-stride rows (else SDPA takes its slow path)
             return (self.weight @ flat.T).T.contiguous().view(*x.shape[:-1], self.out_features)
-        y = self._bf16_step(x) if kernel == "packed" else None
+        y = self._bf16_step(x)  # None unless the kernel is "packed" and applies
         return y if y is not None else F.linear(x, self.weight)
 
 
@@ -299,7 +299,7 @@ class Linear(nn.Linear):
 # the first is the plain path, kept unless another is clearly faster (KERNEL_MARGIN)
 DECODE_KERNELS = {torch.float32: ("linear", "wx"), torch.bfloat16: ("linear", "packed")}
 KERNEL_MARGIN = 0.9  # another kernel must take under 90% of the plain one's time
-_TUNED: dict[tuple, dict[str, float]] = {}  # this process's measurements, per (dtype, rows, threads, shapes)
+_TUNED: dict[tuple, dict[str, float]] = {}  # this process's measurements, per MusicLM._tuning_key
 
 
 def _pack_bf16(owner: nn.Module, slot: str, weights: list[torch.Tensor]):
@@ -600,8 +600,9 @@ class MusicLM(nn.Module):
             self.tune_decode_kernel(rows=x.shape[0] * x.shape[1])
 
     def _tuning_key(self, rows: int) -> tuple:
-        """What a kernel measurement holds for: dtype, rows, threads and the projections' shapes."""
-        return (self.emb[0].weight.dtype, rows, torch.get_num_threads(),
+        """What a kernel measurement holds for: device, dtype, rows, threads and the projections' shapes."""
+        weight = self.emb[0].weight
+        return (weight.device.type, weight.dtype, rows, torch.get_num_threads(),
                 tuple(tuple(m.weight.shape) for m in self.modules() if type(m) is Linear))
 
     @torch.no_grad()
@@ -612,7 +613,7 @@ class MusicLM(nn.Module):
         memory as a step streams them), ``rounds`` times in turn after one untimed pass; keep
         the fastest (the plain ``"linear"`` unless another takes under ``KERNEL_MARGIN`` of its
         time) and set it on every projection. Returns the best seconds of a pass per kernel.
-        Measured once per process for each dtype, row count, thread count and set of shapes,
+        Measured once per process for each device, dtype, row count, thread count and set of shapes,
         so models of one architecture agree; inputs are constant (the random state is left
         alone). Only the CPU has candidates."""
         weight = self.emb[0].weight  # the model's dtype and device (int8 heads have no weight tensor)

@@ -168,3 +168,13 @@ def test_tuning_packs_each_weight_once(fresh_tuning, monkeypatch):
     lm = _model(torch.bfloat16)
     lm.tune_decode_kernel(rows=2, rounds=3)
     assert packs and len(packs) == len(set(packs)), (len(packs), len(set(packs)))
+
+
+def test_a_measurement_holds_for_its_device_only(fresh_tuning):
+    """Off the CPU there is one kernel and nothing is timed; that entry must not stand in for a
+    CPU model of the same shapes."""
+    with torch.device("meta"):
+        meta = MusicLM(lm_config("tiny"))
+    assert meta.tune_decode_kernel(rows=2) == {"linear": 0.0} and meta.decode_kernel == "linear"
+    assert set(_model().tune_decode_kernel(rows=2)) == set(DECODE_KERNELS[torch.float32])
+    assert len(fresh_tuning) == 2
